@@ -1,0 +1,297 @@
+"""N-way buffered inference: frames in, one PeakTable per frame out, in submission order.
+
+On CUDA each batch moves through three streams: host→device copy of the raw frames from a pinned
+slot (``h2d``), normalisation + network + mask (``compute``), and peak extraction (``post``), with
+per-slot events between them. ``submit`` enqueues batch *k* and then finishes batch *k−N+1*, whose
+work has had N−1 batches' time to complete, so the only host waits are on old work. Pinned host
+slots and device input buffers are allocated once per frame shape and reused forever.
+
+On the CPU the same API runs each batch at once (N is ignored); overlap with frame decoding comes
+from the caller's threads (the PVA processor decodes on pvAccess's thread, computes on its own).
+
+No PVA here: ``Pipeline`` is used by ``PeakFinder`` (files, notebooks), the PVA processor and the
+benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, FrameError
+from .frames import PeakTable, check_dtype
+from .peaks import find_peaks
+from .preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Backend(Protocol):
+    """What the pipeline runs: device work that may be queued (``compute``) and extraction.
+
+    ``compute`` is called on the compute stream with raw frames ``(B, P, H, W)`` on the device and
+    returns any device-resident state without synchronising. ``extract`` is called on the post
+    stream, later, with that state and the same frames, and returns one PeakTable per frame.
+    """
+
+    def compute(self, frames: torch.Tensor) -> Any: ...
+
+    def extract(self, state: Any, frames: torch.Tensor) -> list[PeakTable]: ...
+
+
+@dataclass(frozen=True)
+class PeakNetBackend:
+    """PeakNet segmentation → binary masks → batched connected-component peaks.
+
+    Mask = argmax over the two classes == 1, written as ``logit1 > logit0`` (ties go to
+    background, as argmax does).
+    """
+
+    model: torch.nn.Module
+    amp_dtype: torch.dtype = torch.float32
+    centroid: str = "mask"
+    max_peaks: int = 2048
+    per_event_norm: bool = False
+
+    def compute(self, frames: torch.Tensor) -> torch.Tensor:
+        x, _ = preprocess(frames, per_event=self.per_event_norm)
+        use_amp = self.amp_dtype != torch.float32
+        ctx = torch.autocast(frames.device.type, dtype=self.amp_dtype) if use_amp else nullcontext()
+        with torch.inference_mode(), ctx:
+            logits = self.model(x)
+        return (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+
+    def extract(self, state: torch.Tensor, frames: torch.Tensor) -> list[PeakTable]:
+        b, p, h, w = frames.shape
+        return find_peaks(
+            state,
+            frames.reshape(b * p, h, w),
+            n_panels=p,
+            valid_shape=(h, w),
+            centroid=self.centroid,
+            max_peaks=self.max_peaks,
+        )
+
+
+@dataclass(frozen=True)
+class FunctionBackend:
+    """A backend that does all its work at extraction time (e.g. peakfinder8)."""
+
+    fn: Callable[[torch.Tensor], list[PeakTable]]
+
+    def compute(self, frames: torch.Tensor) -> None:
+        return None
+
+    def extract(self, state: None, frames: torch.Tensor) -> list[PeakTable]:
+        return self.fn(frames)
+
+
+@dataclass
+class BatchResult:
+    """One submitted batch, finished: its caller's tag, one PeakTable per frame, and the time from
+    ``submit`` to the tables being on the host (seconds)."""
+
+    tag: Any
+    peaks: list[PeakTable]
+    latency_s: float
+
+
+@dataclass
+class _Slot:
+    host: torch.Tensor  # pinned (batch_size, P, H, W), raw dtype
+    dev: torch.Tensor  # device (batch_size, P, H, W), raw dtype
+    h2d_done: Any
+    compute_done: Any
+
+
+@dataclass
+class _InFlight:
+    slot: _Slot
+    n: int
+    tag: Any
+    t0: float
+    state: Any = None
+    extra: list[Any] = field(default_factory=list)
+
+
+class Pipeline:
+    """Batches of frames ``(B, P, H, W)`` in, ``BatchResult`` out, in order.
+
+    Args:
+        backend: what to run (``PeakNetBackend`` or ``FunctionBackend``).
+        device: a torch device; CUDA enables the buffered path.
+        batch_size: the largest batch ``submit`` accepts (buffers are sized for it).
+        num_buffers: N, batches in flight on CUDA (1 = sequential).
+
+    One thread drives a Pipeline. Example::
+
+        pipe = Pipeline(PeakNetBackend(model), device=torch.device("cuda"), batch_size=8)
+        for batch in batches:
+            for res in pipe.submit(batch):
+                use(res.peaks)
+        for res in pipe.drain():
+            use(res.peaks)
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        num_buffers: int = 3,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if num_buffers < 1:
+            raise ConfigError(f"num_buffers must be >= 1, got {num_buffers}")
+        self.backend = backend
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.num_buffers = int(num_buffers)
+        self.cuda = self.device.type == "cuda"
+        self._slots: list[_Slot] = []
+        self._slot_key: tuple[tuple[int, ...], np.dtype] | None = None
+        self._next_slot = 0
+        self._inflight: deque[_InFlight] = deque()
+        self._streams: tuple[Any, Any, Any] | None = None
+        self._cupy_post_stream: Any = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    def submit(self, frames: np.ndarray, tag: Any = None) -> list[BatchResult]:
+        """Queue one batch; return the batches that finished (oldest first, maybe none)."""
+        frames = self._check(frames)
+        t0 = time.perf_counter()
+        if not self.cuda:
+            dev = torch.from_numpy(np.ascontiguousarray(frames))
+            if self.device.type != "cpu":
+                dev = dev.to(self.device)
+            state = self.backend.compute(dev)
+            peaks = self.backend.extract(state, dev)
+            return [BatchResult(tag, peaks, time.perf_counter() - t0)]
+
+        done: list[BatchResult] = []
+        if self._slot_key is not None and (tuple(frames.shape[1:]), frames.dtype) != self._slot_key:
+            done.extend(self.drain())  # new shape/dtype: finish the old batches on the old buffers
+        self._enqueue_cuda(frames, tag, t0)
+        while len(self._inflight) >= self.num_buffers:
+            done.append(self._finish(self._inflight.popleft()))
+        return done
+
+    def drain(self) -> list[BatchResult]:
+        """Finish every batch still in flight, oldest first."""
+        done = []
+        while self._inflight:
+            done.append(self._finish(self._inflight.popleft()))
+        return done
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        check_dtype(frames.dtype)
+        if frames.ndim != 4 or frames.size == 0:
+            raise FrameError(f"a batch must be a non-empty (B, P, H, W) array, got shape {frames.shape}")
+        if frames.shape[0] > self.batch_size:
+            raise FrameError(f"batch of {frames.shape[0]} frames exceeds batch_size={self.batch_size}")
+        return frames
+
+    def _ensure_cuda(self, frames: np.ndarray) -> None:
+        if self._streams is None:
+            with torch.cuda.device(self.device):
+                self._streams = (torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream())
+        key = (tuple(frames.shape[1:]), frames.dtype)
+        if key == self._slot_key:
+            return
+        assert not self._inflight, "drain before reallocating"
+        if self._slot_key is not None:
+            log.info("frame shape/dtype changed %s -> %s: reallocating buffers", self._slot_key, key)
+        tdtype = torch.from_numpy(frames[:0]).dtype
+        shape = (self.batch_size,) + tuple(frames.shape[1:])
+        self._slots = [
+            _Slot(
+                host=torch.empty(shape, dtype=tdtype).pin_memory(),
+                dev=torch.empty(shape, dtype=tdtype, device=self.device),
+                h2d_done=torch.cuda.Event(),
+                compute_done=torch.cuda.Event(),
+            )
+            for _ in range(self.num_buffers)
+        ]
+        self._slot_key = key
+        self._next_slot = 0
+
+    def _enqueue_cuda(self, frames: np.ndarray, tag: Any, t0: float) -> None:
+        self._ensure_cuda(frames)
+        assert self._streams is not None
+        h2d, compute, _ = self._streams
+        slot = self._slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % self.num_buffers
+        n = frames.shape[0]
+        # This slot's previous batch was finished (host synced on its post work), so it is free.
+        slot.host[:n].numpy()[...] = frames
+        with torch.cuda.stream(h2d):
+            slot.dev[:n].copy_(slot.host[:n], non_blocking=True)
+            slot.h2d_done.record(h2d)
+        with torch.cuda.stream(compute):
+            compute.wait_event(slot.h2d_done)
+            state = self.backend.compute(slot.dev[:n])
+            slot.compute_done.record(compute)
+        self._inflight.append(_InFlight(slot=slot, n=n, tag=tag, t0=t0, state=state))
+
+    def _finish(self, job: _InFlight) -> BatchResult:
+        assert self._streams is not None
+        post = self._streams[2]
+        with torch.cuda.stream(post):
+            post.wait_event(job.slot.compute_done)
+            if isinstance(job.state, torch.Tensor):
+                job.state.record_stream(post)
+            with self._cupy_stream(post):
+                peaks = self.backend.extract(job.state, job.slot.dev[: job.n])
+        job.state = None
+        return BatchResult(job.tag, peaks, time.perf_counter() - job.t0)
+
+    def _cupy_stream(self, stream: torch.cuda.Stream) -> Any:
+        """Make CuPy work on the torch post stream, so CuPy sees the ordering torch set up."""
+        try:
+            import cupy
+        except ImportError:
+            return nullcontext()
+        if self._cupy_post_stream is None:
+            self._cupy_post_stream = cupy.cuda.ExternalStream(stream.cuda_stream, self.device.index or 0)
+        return self._cupy_post_stream
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → the first CUDA device if there is one, else CPU; anything else as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_amp_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` → bf16 on CUDA, fp32 on CPU (CPU autocast is slower than fp32 for convs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]

@@ -1,0 +1,139 @@
+"""Pipeline and PeakFinder: order, equality with the unbuffered path, partial batches, draining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from peaknet_pva import PeakFinder, PeakTable
+from peaknet_pva.errors import CheckpointError, ConfigError, FrameError
+from peaknet_pva.pipeline import FunctionBackend, PeakNetBackend, Pipeline
+
+
+def _tables_equal(a: list[PeakTable], b: list[PeakTable]) -> None:
+    assert len(a) == len(b)
+    for ta, tb in zip(a, b):
+        np.testing.assert_array_equal(ta.panel, tb.panel)
+        np.testing.assert_allclose(ta.y, tb.y, atol=1e-4)
+        np.testing.assert_allclose(ta.x, tb.x, atol=1e-4)
+        np.testing.assert_allclose(ta.intensity, tb.intensity, rtol=1e-5)
+        np.testing.assert_array_equal(ta.npix, tb.npix)
+
+
+class ThresholdBackend:
+    """A real, deterministic backend for testing the plumbing: mask = pixel > threshold."""
+
+    def __init__(self, threshold: float = 50.0) -> None:
+        self.threshold = threshold
+
+    def compute(self, frames: torch.Tensor) -> torch.Tensor:
+        b, p, h, w = frames.shape
+        return (frames.reshape(b * p, h, w).float() > self.threshold).to(torch.uint8)
+
+    def extract(self, state: torch.Tensor, frames: torch.Tensor) -> list[PeakTable]:
+        from peaknet_pva.peaks import find_peaks
+
+        b, p, h, w = frames.shape
+        return find_peaks(state, frames.reshape(b * p, h, w), n_panels=p, centroid="intensity")
+
+
+def _frames(n: int, p: int = 2, h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    frames = rng.poisson(5.0, size=(n, p, h, w)).astype(np.uint16)
+    for f in range(n):
+        for _ in range(rng.integers(0, 6)):
+            pp, y, x = rng.integers(0, p), rng.integers(1, h - 1), rng.integers(1, w - 1)
+            frames[f, pp, y - 1 : y + 2, x - 1 : x + 2] += np.uint16(100 + f)
+    return frames
+
+
+def test_results_in_order_and_equal_to_unbatched():
+    frames = _frames(13)
+    pipe = Pipeline(ThresholdBackend(), device="cpu", batch_size=4, num_buffers=3)
+    got: list[tuple[int, list[PeakTable]]] = []
+    for k, start in enumerate(range(0, 13, 4)):  # batches of 4, 4, 4, 1 (partial)
+        got.extend((r.tag, r.peaks) for r in pipe.submit(frames[start : start + 4], tag=k))
+    got.extend((r.tag, r.peaks) for r in pipe.drain())
+    assert [t for t, _ in got] == [0, 1, 2, 3]
+    flat = [tab for _, tabs in got for tab in tabs]
+    single = [ThresholdBackend().extract(ThresholdBackend().compute(torch.from_numpy(frames[i : i + 1])),
+                                         torch.from_numpy(frames[i : i + 1]))[0] for i in range(13)]
+    _tables_equal(flat, single)
+    assert sum(t.n for t in flat) > 0
+    assert pipe.drain() == []
+
+
+def test_batch_larger_than_buffers_rejected():
+    pipe = Pipeline(ThresholdBackend(), device="cpu", batch_size=2)
+    with pytest.raises(FrameError, match="exceeds batch_size"):
+        pipe.submit(_frames(3))
+    with pytest.raises(FrameError):
+        pipe.submit(np.zeros((0, 1, 4, 4), np.float32))
+    with pytest.raises(ConfigError):
+        Pipeline(ThresholdBackend(), num_buffers=0)
+
+
+def test_function_backend_passes_frames_through():
+    seen = []
+
+    def fn(frames: torch.Tensor) -> list[PeakTable]:
+        seen.append(tuple(frames.shape))
+        return [PeakTable.empty() for _ in range(frames.shape[0])]
+
+    pipe = Pipeline(FunctionBackend(fn), batch_size=3)
+    res = pipe.submit(_frames(3, p=1))
+    assert seen == [(3, 1, 40, 48)] and len(res[0].peaks) == 3
+
+
+def test_peakfinder_random_model_shapes_and_dtypes():
+    finder = PeakFinder(weights="random", model="peaknet-atto-s", batch_size=3, panel_shape=(40, 48))
+    slabs = _frames(5, p=2).reshape(5, 80, 48)
+    tables = finder.find(slabs)
+    assert len(tables) == 5
+    stacked = finder.find(slabs.reshape(5, 2, 40, 48).astype(np.float32))
+    _tables_equal(tables, stacked)
+    for t in tables:
+        assert t.n == 0 or (t.panel.max() < 2 and t.y.max() < 64 and t.x.max() < 64)
+
+
+def test_peakfinder_matches_backend_directly():
+    """PeakFinder's batching gives exactly what the backend gives frame by frame."""
+    finder = PeakFinder(weights="random", model="peaknet-atto-s", batch_size=4)
+    frames = _frames(6, p=1, h=64, w=64)
+    backend = PeakNetBackend(finder.model)
+    expected = []
+    for i in range(6):
+        t = torch.from_numpy(frames[i : i + 1])
+        expected.extend(backend.extract(backend.compute(t), t))
+    _tables_equal(finder.find(frames), expected)
+
+
+def test_weights_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        PeakFinder(weights=str(tmp_path / "nope.pt"))
+    with pytest.raises(ConfigError, match="backend"):
+        PeakFinder(weights="random", backend="magic")
+    with pytest.raises(ConfigError, match="centroid"):
+        PeakFinder(weights="random", centroid="middle")
+
+
+@pytest.mark.gpu
+def test_cuda_buffered_equals_sequential():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    frames = _frames(21, p=2, h=64, w=64)
+    outs = []
+    for n_buf in (1, 3):
+        pipe = Pipeline(ThresholdBackend(), device="cuda", batch_size=4, num_buffers=n_buf)
+        got = []
+        for k, start in enumerate(range(0, 21, 4)):
+            got.extend(pipe.submit(frames[start : start + 4], tag=k))
+            assert pipe.in_flight <= n_buf - 1
+        got.extend(pipe.drain())
+        assert [r.tag for r in got] == list(range(6))
+        outs.append([t for r in got for t in r.peaks])
+    _tables_equal(outs[0], outs[1])
+    cpu = Pipeline(ThresholdBackend(), device="cpu", batch_size=4)
+    ref = [t for s in range(0, 21, 4) for r in cpu.submit(frames[s : s + 4]) for t in r.peaks]
+    _tables_equal(outs[1], ref)
