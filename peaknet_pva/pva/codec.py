@@ -1,0 +1,501 @@
+"""NtNdArray in, NtNdArray out: the one place that parses and builds PVA detector frames.
+
+Input (DESIGN 2.1): an NtNdArray holding either the stacked 2-D slab ``(P*H, W)`` (split into
+panels by a ``PanelLayout``) or a 3-D mono ``(P, H, W)`` array, of int8 ... float64, optionally
+compressed (``codec.name`` blosc / lz4 / bslz4, decoded with pvapy's ``AdImageUtility`` when the
+codec's package is installed). ``decode_ntndarray`` returns a ``DecodedFrame`` whose pixels are a
+COPY (pvapy reuses the PvObject after the callback returns) or raises ``FrameError``.
+
+Output (DESIGN 2.3): ``output_type()`` is the single type definition of what the PeakNet processor
+publishes: an NtNdArray plus ::
+
+    peaks:  structure { panel: ushort[], y: float[], x: float[], intensity: float[], npix: uint[] }
+    nPeaks: uint        photonEnergy: double (eV)      panelShape: uint[] (H, W)
+
+``build_output`` fills one from a decoded frame and its peaks; the image is always sent as the
+2-D slab ``(P*H, W)`` (ColorMode 0, so any areaDetector client can show it) or, when not forwarded,
+as an empty array of the same union type with no dimensions. ``decode_output`` reads it back.
+
+NTNDArray dimension order: ``dimension[0]`` is the fastest-varying axis (x, columns), so a 2-D
+frame of shape ``(rows, cols)`` has ``dimension = [cols, rows]`` and a 3-D ``(P, H, W)`` frame has
+``dimension = [W, H, P]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pvaccess as pva
+
+from ..errors import FrameError
+from ..frames import PanelLayout, PeakTable, check_dtype
+
+#: Union field of the NtNdArray ``value`` for each numpy dtype (and back).
+FIELD_BY_DTYPE: dict[np.dtype, str] = {
+    np.dtype("int8"): "byteValue",
+    np.dtype("uint8"): "ubyteValue",
+    np.dtype("int16"): "shortValue",
+    np.dtype("uint16"): "ushortValue",
+    np.dtype("int32"): "intValue",
+    np.dtype("uint32"): "uintValue",
+    np.dtype("int64"): "longValue",
+    np.dtype("uint64"): "ulongValue",
+    np.dtype("float32"): "floatValue",
+    np.dtype("float64"): "doubleValue",
+}
+DTYPE_BY_FIELD: dict[str, np.dtype] = {v: k for k, v in FIELD_BY_DTYPE.items()}
+DTYPE_BY_FIELD["booleanValue"] = np.dtype("bool")
+
+#: pvData scalar type (as int) -> numpy dtype, for the codec's ``parameters`` (uncompressed type).
+_DTYPE_BY_SCALAR: dict[int, np.dtype] = {
+    int(pva.BYTE): np.dtype("int8"),
+    int(pva.UBYTE): np.dtype("uint8"),
+    int(pva.SHORT): np.dtype("int16"),
+    int(pva.USHORT): np.dtype("uint16"),
+    int(pva.INT): np.dtype("int32"),
+    int(pva.UINT): np.dtype("uint32"),
+    int(pva.LONG): np.dtype("int64"),
+    int(pva.ULONG): np.dtype("uint64"),
+    int(pva.FLOAT): np.dtype("float32"),
+    int(pva.DOUBLE): np.dtype("float64"),
+}
+_SCALAR_BY_DTYPE: dict[np.dtype, Any] = {
+    np.dtype("int8"): pva.BYTE,
+    np.dtype("uint8"): pva.UBYTE,
+    np.dtype("int16"): pva.SHORT,
+    np.dtype("uint16"): pva.USHORT,
+    np.dtype("int32"): pva.INT,
+    np.dtype("uint32"): pva.UINT,
+    np.dtype("int64"): pva.LONG,
+    np.dtype("uint64"): pva.ULONG,
+    np.dtype("float32"): pva.FLOAT,
+    np.dtype("float64"): pva.DOUBLE,
+}
+
+#: Compressed-frame codecs pvapy can decode, and the Python package each one needs.
+CODEC_PACKAGES: dict[str, tuple[str, str]] = {
+    # codec name: (module to import, pip package name)
+    "blosc": ("blosc", "blosc"),
+    "lz4": ("lz4.block", "lz4"),
+    "bslz4": ("bitshuffle", "bitshuffle"),
+}
+
+#: areaDetector ColorMode attribute value for mono images.
+COLOR_MODE_MONO = 0
+
+#: Default NtNdArray attribute carrying the photon energy in eV (areaDetector convention).
+DEFAULT_PHOTON_ENERGY_ATTRIBUTE = "PhotonEnergy"
+
+#: The extra top-level fields of the output NtNdArray (DESIGN 2.3). One definition, used for
+#: every published object and for ``getOutputPvObjectType``.
+OUTPUT_EXTRA_FIELDS: dict[str, Any] = {
+    "peaks": {
+        "panel": [pva.USHORT],
+        "y": [pva.FLOAT],
+        "x": [pva.FLOAT],
+        "intensity": [pva.FLOAT],
+        "npix": [pva.UINT],
+    },
+    "nPeaks": pva.UINT,
+    "photonEnergy": pva.DOUBLE,
+    "panelShape": [pva.UINT],
+}
+
+
+@dataclass
+class DecodedFrame:
+    """One detector frame taken out of an NtNdArray.
+
+    ``pixels`` is a C-contiguous ``(P, H, W)`` array owned by this object (a copy), in the
+    frame's own dtype. Time stamps are integer nanoseconds since the EPICS-independent POSIX
+    epoch (``secondsPastEpoch * 1e9 + nanoseconds``). ``attributes`` maps NTAttribute names to
+    plain Python values; ``photon_energy_ev`` is the configured attribute's value (eV) or None.
+    """
+
+    pixels: np.ndarray
+    unique_id: int
+    timestamp_ns: int = 0
+    data_timestamp_ns: int = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+    photon_energy_ev: float | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.pixels.dtype
+
+    @property
+    def panel_shape(self) -> tuple[int, int]:
+        return (int(self.pixels.shape[1]), int(self.pixels.shape[2]))
+
+    @property
+    def n_panels(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+@dataclass
+class OutputMeta:
+    """Everything in a published output object except the peak table (see ``decode_output``).
+
+    ``image`` is the forwarded frame as a ``(P, H, W)`` copy, or None when it was not forwarded.
+    """
+
+    unique_id: int
+    timestamp_ns: int
+    data_timestamp_ns: int
+    photon_energy_ev: float
+    panel_shape: tuple[int, int]
+    n_peaks: int
+    image: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# time stamps and attributes
+
+
+def _ts_to_ns(ts: Any) -> int:
+    try:
+        return int(ts["secondsPastEpoch"]) * 1_000_000_000 + int(ts["nanoseconds"])
+    except (KeyError, TypeError):
+        return 0
+
+
+def _ns_to_ts(ns: int) -> Any:
+    ns = int(ns)
+    return pva.PvTimeStamp(ns // 1_000_000_000, ns % 1_000_000_000, 0)
+
+
+def _attribute_value(value: Any) -> Any:
+    """An NTAttribute ``value`` (a variant union, read as ``(dict, types)``) as a Python value."""
+    if isinstance(value, tuple) and value:
+        value = value[0]
+    if isinstance(value, dict):
+        if not value:
+            return None
+        value = next(iter(value.values()))
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _decode_attributes(pv: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        attrs = pv["attribute"]
+    except Exception:  # pragma: no cover - every NtNdArray has it
+        return out
+    for attr in attrs:
+        try:
+            out[str(attr["name"])] = _attribute_value(attr["value"])
+        except (KeyError, TypeError):
+            continue
+    return out
+
+
+def _as_float_or_none(value: Any) -> float | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _make_attribute(name: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        pv_value = pva.PvBoolean(value)
+    elif isinstance(value, (int, np.integer)):
+        pv_value = pva.PvInt(int(value)) if -(2**31) <= int(value) < 2**31 else pva.PvLong(int(value))
+    elif isinstance(value, (float, np.floating)):
+        pv_value = pva.PvDouble(float(value))
+    else:
+        pv_value = pva.PvString(str(value))
+    return pva.NtAttribute(name, pv_value)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding input frames
+
+
+def _check_codec_package(codec: str) -> None:
+    if codec not in CODEC_PACKAGES:
+        raise FrameError(
+            f"unknown compression codec {codec!r}; supported: {', '.join(sorted(CODEC_PACKAGES))}"
+        )
+    module, package = CODEC_PACKAGES[codec]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise FrameError(
+            f"frame is compressed with {codec!r} but the Python package {package!r} is not "
+            f"installed (pip install {package})"
+        )
+
+
+def _decompress(pv: Any, data: np.ndarray, codec: str) -> np.ndarray:
+    _check_codec_package(codec)
+    from pvapy.utility.adImageUtility import AdImageUtility
+
+    try:
+        params = pv["codec.parameters"]
+        scalar = int(_attribute_value(params))
+        dtype = _DTYPE_BY_SCALAR[scalar]
+        uncompressed = int(pv["uncompressedSize"])
+    except Exception as exc:
+        raise FrameError(f"compressed frame ({codec}) without a valid uncompressed type/size: {exc}") from exc
+    # pvapy's decompressors look the type up by pvData scalar type.
+    try:
+        decompress = AdImageUtility.getDecompressor(codec)
+        out = decompress(np.asarray(data).view(np.uint8), _SCALAR_BY_DTYPE[dtype], uncompressed)
+    except Exception as exc:
+        raise FrameError(f"cannot decompress {codec} frame: {exc}") from exc
+    return np.asarray(out, dtype=dtype)
+
+
+def _color_mode(attributes: dict[str, Any]) -> int | None:
+    value = attributes.get("ColorMode")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def decode_ntndarray(
+    pv: Any,
+    layout: PanelLayout | None = None,
+    *,
+    photon_energy_attribute: str = DEFAULT_PHOTON_ENERGY_ATTRIBUTE,
+    check_finite: bool = True,
+) -> DecodedFrame:
+    """Decode an input NtNdArray into a ``DecodedFrame`` (pixels ``(P, H, W)``, copied).
+
+    Args:
+        pv: the NtNdArray (a ``pvaccess.PvObject``) as handed to ``process``; not kept.
+        layout: how a 2-D slab splits into panels (``PanelLayout(None)`` = one panel).
+        photon_energy_attribute: NTAttribute holding the photon energy in eV.
+        check_finite: reject float frames holding NaN or Inf.
+
+    Raises:
+        FrameError: wrong rank (1-D, >3-D, colour), empty, size not matching the dimensions or
+            not a multiple of the panel shape, NaN/Inf, unsupported dtype, unknown codec or a
+            codec whose package is missing.
+    """
+    layout = layout or PanelLayout(None)
+    attributes = _decode_attributes(pv)
+    unique_id = int(pv["uniqueId"])
+
+    sizes = [int(d["size"]) for d in pv["dimension"]]
+    if not sizes:
+        raise FrameError(f"frame {unique_id}: empty frame (no dimensions)")
+    if len(sizes) == 1:
+        raise FrameError(f"frame {unique_id}: 1-D frame of {sizes[0]} values; need 2-D (P*H, W) or 3-D (P, H, W)")
+    if len(sizes) > 3:
+        raise FrameError(f"frame {unique_id}: {len(sizes)}-D frame; need 2-D (P*H, W) or 3-D (P, H, W)")
+    if len(sizes) == 3:
+        mode = _color_mode(attributes)
+        if mode not in (None, COLOR_MODE_MONO):
+            raise FrameError(f"frame {unique_id}: colour frame (ColorMode={mode}) is not supported")
+    shape = tuple(reversed(sizes))
+    if min(shape) <= 0:
+        raise FrameError(f"frame {unique_id}: empty frame of shape {shape}")
+
+    union_field = pv.getSelectedUnionFieldName()
+    if not union_field:
+        raise FrameError(f"frame {unique_id}: empty frame (no value selected)")
+    if union_field not in DTYPE_BY_FIELD:
+        raise FrameError(f"frame {unique_id}: unknown value field {union_field!r}")
+    data = pv["value"][0][union_field]
+
+    codec = str(pv["codec"]["name"] or "")
+    if codec:
+        data = _decompress(pv, data, codec)
+    try:
+        dtype = check_dtype(data.dtype if codec else DTYPE_BY_FIELD[union_field])
+    except FrameError as exc:
+        raise FrameError(f"frame {unique_id}: {exc}") from None
+
+    n = int(np.prod(shape))
+    if data.size == 0:
+        raise FrameError(f"frame {unique_id}: empty frame (no pixel data)")
+    if data.size != n:
+        raise FrameError(f"frame {unique_id}: {data.size} values do not fill the dimensions {shape}")
+    pixels = np.array(np.asarray(data, dtype=dtype).reshape(shape), copy=True, order="C")
+    try:
+        pixels = layout.split(pixels)
+    except FrameError as exc:
+        raise FrameError(f"frame {unique_id}: {exc}") from None
+
+    if check_finite and pixels.dtype.kind == "f":
+        # A cheap sum first; only a non-finite sum (NaN/Inf, or overflow) needs the full check.
+        if not np.isfinite(np.add.reduce(pixels, axis=None, dtype=np.float64)):
+            if not np.isfinite(pixels).all():
+                raise FrameError(f"frame {unique_id}: frame contains NaN or Inf")
+
+    return DecodedFrame(
+        pixels=pixels,
+        unique_id=unique_id,
+        timestamp_ns=_ts_to_ns(pv["timeStamp"]),
+        data_timestamp_ns=_ts_to_ns(pv["dataTimeStamp"]),
+        attributes=attributes,
+        photon_energy_ev=_as_float_or_none(attributes.get(photon_energy_attribute)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# building input frames (replay server, tests)
+
+
+def encode_ntndarray(
+    pixels: np.ndarray,
+    *,
+    unique_id: int,
+    timestamp_ns: int | None = None,
+    data_timestamp_ns: int | None = None,
+    attributes: dict[str, Any] | None = None,
+    three_d: bool = False,
+) -> Any:
+    """Build an input NtNdArray from ``pixels`` (uncompressed).
+
+    ``pixels`` is 2-D ``(rows, cols)`` or 3-D ``(P, H, W)`` (sent 3-D if ``three_d`` else as the
+    stacked slab ``(P*H, W)``). No validation: the replay server uses this to send bad frames
+    too (1-D, empty, NaN, int64, ...). ``timestamp_ns`` defaults to now.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3 and not three_d:
+        pixels = pixels.reshape(pixels.shape[0] * pixels.shape[1], pixels.shape[2])
+    if pixels.dtype == np.bool_:
+        union_field = "booleanValue"
+    else:
+        union_field = FIELD_BY_DTYPE.get(pixels.dtype)
+    if union_field is None:
+        raise FrameError(f"no NtNdArray value field for dtype {pixels.dtype}")
+    nt = pva.NtNdArray()
+    flat = np.ascontiguousarray(pixels).reshape(-1)
+    nt["value"] = {union_field: flat}
+    nt["dimension"] = [pva.PvDimension(int(s), 0, int(s), 1, False) for s in reversed(pixels.shape)]
+    nbytes = int(flat.size * flat.itemsize)
+    nt["compressedSize"] = nbytes
+    nt["uncompressedSize"] = nbytes
+    nt["uniqueId"] = int(unique_id)
+    now = time.time_ns() if timestamp_ns is None else int(timestamp_ns)
+    nt["timeStamp"] = _ns_to_ts(now)
+    nt["dataTimeStamp"] = _ns_to_ts(now if data_timestamp_ns is None else data_timestamp_ns)
+    attrs = {"ColorMode": COLOR_MODE_MONO}
+    attrs.update(attributes or {})
+    nt["attribute"] = [_make_attribute(k, v) for k, v in attrs.items()]
+    return nt
+
+
+# ---------------------------------------------------------------------------------------------
+# output structure
+
+
+_OUTPUT_TEMPLATE: Any = None
+
+
+def output_type() -> Any:
+    """A fresh, empty output object: NtNdArray + the fields of ``OUTPUT_EXTRA_FIELDS``."""
+    global _OUTPUT_TEMPLATE
+    if _OUTPUT_TEMPLATE is None:
+        _OUTPUT_TEMPLATE = pva.NtNdArray(OUTPUT_EXTRA_FIELDS)
+    return _OUTPUT_TEMPLATE.copy()
+
+
+def build_output(
+    frame: DecodedFrame,
+    peaks: PeakTable,
+    *,
+    include_image: bool,
+    photon_energy_ev: float | None = None,
+) -> Any:
+    """Build the published object for one frame (DESIGN 2.3).
+
+    ``uniqueId``, ``timeStamp`` and ``dataTimeStamp`` come from ``frame``; ``photonEnergy`` is
+    ``photon_energy_ev`` if given, else the frame's, else NaN. With ``include_image`` the value
+    is the frame as the 2-D slab ``(P*H, W)``; without, an empty array of the frame's dtype and no
+    dimensions. Either way the structure is that of ``output_type()``.
+    """
+    out = output_type()
+    pixels = frame.pixels
+    p, h, w = pixels.shape
+    union_field = FIELD_BY_DTYPE[pixels.dtype]
+    if include_image:
+        flat = pixels.reshape(-1)
+        out["value"] = {union_field: flat}
+        out["dimension"] = [pva.PvDimension(w, 0, w, 1, False), pva.PvDimension(p * h, 0, p * h, 1, False)]
+        nbytes = int(flat.size * flat.itemsize)
+    else:
+        out["value"] = {union_field: np.zeros(0, pixels.dtype)}
+        nbytes = 0
+    out["compressedSize"] = nbytes
+    out["uncompressedSize"] = nbytes
+    out["uniqueId"] = int(frame.unique_id)
+    out["timeStamp"] = _ns_to_ts(frame.timestamp_ns)
+    out["dataTimeStamp"] = _ns_to_ts(frame.data_timestamp_ns)
+    if photon_energy_ev is None:
+        photon_energy_ev = frame.photon_energy_ev
+    energy = float("nan") if photon_energy_ev is None else float(photon_energy_ev)
+    out["attribute"] = [
+        pva.NtAttribute("ColorMode", pva.PvInt(COLOR_MODE_MONO)),
+        pva.NtAttribute(DEFAULT_PHOTON_ENERGY_ATTRIBUTE, pva.PvDouble(energy)),
+    ]
+    out["peaks"] = {
+        "panel": peaks.panel,
+        "y": peaks.y,
+        "x": peaks.x,
+        "intensity": peaks.intensity,
+        "npix": peaks.npix,
+    }
+    out["nPeaks"] = int(peaks.n)
+    out["photonEnergy"] = energy
+    out["panelShape"] = np.array([h, w], dtype=np.uint32)
+    return out
+
+
+def decode_output(pv: Any) -> tuple[PeakTable, OutputMeta]:
+    """Read a published output object back: its peak table and everything else.
+
+    Raises FrameError if ``pv`` does not have the output structure.
+    """
+    try:
+        pk = pv["peaks"]
+        panel_shape = tuple(int(v) for v in np.asarray(pv["panelShape"]).tolist())
+        n_peaks = int(pv["nPeaks"])
+        energy = float(pv["photonEnergy"])
+    except Exception as exc:  # pvaccess.FieldNotFound is not a KeyError
+        raise FrameError(f"not a peaknet output object ({exc})") from None
+    peaks = PeakTable(
+        panel=np.array(pk["panel"], dtype=np.uint16),
+        y=np.array(pk["y"], dtype=np.float32),
+        x=np.array(pk["x"], dtype=np.float32),
+        intensity=np.array(pk["intensity"], dtype=np.float32),
+        npix=np.array(pk["npix"], dtype=np.uint32),
+    )
+    image = None
+    if len(pv["dimension"]) > 0:
+        layout = PanelLayout(panel_shape if len(panel_shape) == 2 and min(panel_shape) > 0 else None)
+        image = decode_ntndarray(pv, layout, check_finite=False).pixels
+    meta = OutputMeta(
+        unique_id=int(pv["uniqueId"]),
+        timestamp_ns=_ts_to_ns(pv["timeStamp"]),
+        data_timestamp_ns=_ts_to_ns(pv["dataTimeStamp"]),
+        photon_energy_ev=energy,
+        panel_shape=(panel_shape[0], panel_shape[1]) if len(panel_shape) == 2 else (0, 0),
+        n_peaks=n_peaks,
+        image=image,
+    )
+    return peaks, meta
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """True if two PvObjects have the same introspection (the PVA structure)."""
+    return a.getIntrospectionDict() == b.getIntrospectionDict()

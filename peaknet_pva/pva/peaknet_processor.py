@@ -1,0 +1,641 @@
+"""``PeakNetImageProcessor``: PeakNet peak finding inside ``pvapy-hpc-consumer``.
+
+::
+
+    pvapy-hpc-consumer -dc -nc 2 -du 4 -sqs 100 -ic pvapy:image \\
+        -oc 'peaknet:*:output' -sc 'peaknet:*:status' -cc 'peaknet:*:control' \\
+        --processor-class peaknet_pva.PeakNetImageProcessor \\
+        --processor-args '{"panel_shape": [352, 384], "min_peaks": 10}'
+
+Lifecycle (DESIGN 1; pvapy 5.6.0): ``__init__(configDict)`` parses the arguments once, builds the
+``PeakFinder`` and warms it up (the input monitor connects only after it returns); ``start()``
+starts the engine thread; ``process(pvObject)`` runs on pvAccess's receive thread and only decodes
+the frame (a copy: the PvObject is reused by pvapy) into a bounded ring; the engine thread batches
+frames (``batch_size`` or ``batch_timeout_ms``), runs them through ``finder.pipeline`` and
+publishes one output object (``codec.build_output``) per frame, in arrival order; ``stop()``
+drains the ring and the pipeline, publishes everything, then releases the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pvaccess as pva
+from pvapy.hpc.adImageProcessor import AdImageProcessor
+
+from ..errors import ConfigError, FrameError
+from ..frames import PanelLayout, PeakTable
+from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, DecodedFrame, build_output, decode_ntndarray, output_type
+
+#: Keys pvapy adds to every processor's configDict (systemController.createDataProcessorConfig)
+#: or sends to ``configure`` for itself (dataConsumer / dataProcessingController).
+PVAPY_KEYS = frozenset(
+    {
+        "processorId",
+        "inputChannel",
+        "inputMode",
+        "inputArgs",
+        "outputChannel",
+        "outputMode",
+        "outputArgs",
+        "objectIdField",
+        "skipInitialUpdates",
+        "objectIdOffset",
+        "nSequentialUpdates",
+        "fieldRequest",
+        "receiverQueueSize",
+    }
+)
+
+FORWARD_IMAGES = ("all", "hits", "none")
+CENTROIDS = ("mask", "intensity")
+BACKENDS = ("peaknet", "peakfinder8")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _as_int(key: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+        if isinstance(value, float) and out != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {out}")
+    return out
+
+
+def _as_float(key: str, value: Any, minimum: float | None = None) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if not np.isfinite(out) or (minimum is not None and out < minimum):
+        raise ConfigError(f"{key} must be a finite number >= {minimum}, got {value!r}")
+    return out
+
+
+def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _as_panel_shape(key: str, value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ConfigError(f"{key} must be [H, W] or null, got {value!r}")
+    h, w = (_as_int(key, v, 1) for v in value)
+    return (h, w)
+
+
+@dataclass(frozen=True)
+class PeakNetProcessorParams:
+    """The ``--processor-args`` of ``PeakNetImageProcessor``, parsed and validated once.
+
+    See docs/PROCESSORS.md for each key. ``RUNTIME_KEYS`` may be changed with ``configure``.
+    """
+
+    weights: str = "default"
+    model: str | None = None
+    backend: str = "peaknet"
+    device: str = "auto"
+    batch_size: int = 8
+    batch_timeout_ms: float = 50.0
+    num_buffers: int = 3
+    dtype: str = "auto"
+    compile: bool = False
+    panel_shape: tuple[int, int] | None = None
+    centroid: str = "mask"
+    min_peaks: int = 10
+    max_peaks: int = 2048
+    forward_images: str = "hits"
+    photon_energy_attribute: str = DEFAULT_PHOTON_ENERGY_ATTRIBUTE
+    photon_energy_ev: float | None = None
+    ring_size: int = 256
+    per_event_norm: bool = False
+
+    RUNTIME_KEYS = ("min_peaks", "forward_images", "centroid", "batch_timeout_ms")
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__
+        if not isinstance(self.weights, str) or not self.weights:
+            raise ConfigError(f"weights must be 'default', 'random' or a checkpoint path, got {self.weights!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError(f"model must be a preset name or a config path, got {self.model!r}")
+        fix(self, "backend", _as_choice("backend", self.backend, BACKENDS))
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda:N', got {self.device!r}")
+        fix(self, "batch_size", _as_int("batch_size", self.batch_size, 1))
+        fix(self, "batch_timeout_ms", _as_float("batch_timeout_ms", self.batch_timeout_ms, 0.0))
+        fix(self, "num_buffers", _as_int("num_buffers", self.num_buffers, 1))
+        fix(self, "dtype", _as_choice("dtype", self.dtype, DTYPES))
+        fix(self, "compile", _as_bool("compile", self.compile))
+        fix(self, "panel_shape", _as_panel_shape("panel_shape", self.panel_shape))
+        fix(self, "centroid", _as_choice("centroid", self.centroid, CENTROIDS))
+        fix(self, "min_peaks", _as_int("min_peaks", self.min_peaks, 0))
+        fix(self, "max_peaks", _as_int("max_peaks", self.max_peaks, 1))
+        fix(self, "forward_images", _as_choice("forward_images", self.forward_images, FORWARD_IMAGES))
+        if not isinstance(self.photon_energy_attribute, str) or not self.photon_energy_attribute:
+            raise ConfigError(f"photon_energy_attribute must be a name, got {self.photon_energy_attribute!r}")
+        if self.photon_energy_ev is not None:
+            fix(self, "photon_energy_ev", _as_float("photon_energy_ev", self.photon_energy_ev, 0.0))
+        fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1))
+        fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> PeakNetProcessorParams:
+        """Build from a pvapy configDict: pvapy's own keys are ignored, unknown keys rejected."""
+        config = dict(config or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        ours = {k: v for k, v in config.items() if k not in PVAPY_KEYS}
+        unknown = sorted(set(ours) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown PeakNetImageProcessor argument(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        return cls(**ours)
+
+    def with_changes(self, changes: dict[str, Any]) -> PeakNetProcessorParams:
+        """A copy with run-time changes (``RUNTIME_KEYS`` only), validated."""
+        bad = sorted(set(changes) - set(self.RUNTIME_KEYS))
+        if bad:
+            raise ConfigError(
+                f"cannot change {', '.join(bad)} at run time; changeable: {', '.join(self.RUNTIME_KEYS)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+class IdGapCounter:
+    """Counts uniqueIds missing from the sequence one consumer should see.
+
+    pvapy's data distributor hands each of N consumers ``K`` consecutive updates in turn, so
+    consumer k sees blocks of K ids every ``T = N*K`` ids (pvapy passes ``objectIdOffset =
+    (N-1)*K + 1`` and ``nSequentialUpdates = K``). Ids in ``(last, new)`` that fall on this
+    consumer's blocks (phase set by the first id seen) were missed. An id off the pattern, or
+    going backwards, re-bases the pattern at that id (a restart or a re-balanced distributor).
+    """
+
+    def __init__(self, n_sequential: int = 1, id_offset: int = 1) -> None:
+        self.k = max(1, int(n_sequential))
+        self.period = max(1, int(id_offset)) + self.k - 1
+        self.base: int | None = None
+        self.last: int | None = None
+        self.missed = 0
+
+    def _mine_before(self, x: int) -> int:
+        assert self.base is not None
+        q, r = divmod(x - self.base, self.period)
+        return q * self.k + min(r, self.k)
+
+    def update(self, uid: int) -> int:
+        """Record ``uid``; return how many of this consumer's ids were skipped before it."""
+        if self.last is None or uid <= self.last:
+            self.base = uid
+            self.last = uid
+            return 0
+        gap = self._mine_before(uid) - self._mine_before(self.last + 1)
+        if (uid - self.base) % self.period >= self.k:
+            self.base = uid
+        self.last = uid
+        if gap > 0:
+            self.missed += gap
+        return max(gap, 0)
+
+    def reset(self) -> None:
+        self.base = None
+        self.last = None
+        self.missed = 0
+
+
+@dataclass
+class _Item:
+    frame: DecodedFrame
+    t_in: float  # time.monotonic() when process() received it
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], np.dtype]:
+        return (self.frame.pixels.shape, self.frame.pixels.dtype)
+
+
+class _Stats:
+    """Counters behind getStats(); written by two threads, read by a third (ints only)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n_frames_in = 0
+        self.n_processed = 0
+        self.n_dropped = 0
+        self.n_bad_frames = 0
+        self.n_batches = 0
+        self.n_peaks = 0
+        self.n_hits = 0
+        self.n_images_forwarded = 0
+        self.n_peak_overflow = 0
+        self.n_publish_errors = 0
+        self.n_engine_errors = 0
+        self.batch_latency_s = 0.0
+        self.frame_latency_s = 0.0
+        self.t_first_in: float | None = None
+        self.t_last_out: float | None = None
+
+
+class PeakNetImageProcessor(AdImageProcessor):
+    """Finds Bragg peaks in every NtNdArray frame and publishes frame + peak table.
+
+    ``configDict`` holds the ``--processor-args`` (see ``PeakNetProcessorParams`` and
+    docs/PROCESSORS.md) plus pvapy's own keys. Output structure: ``codec.output_type()``.
+    Stats (status channel ``userStats``): see ``getStatsPvaTypes``.
+    """
+
+    #: Seconds between two log lines about bad frames (the first one is always logged).
+    BAD_FRAME_LOG_PERIOD_S = 10.0
+    #: How long ``stop()`` waits for the engine thread to drain.
+    STOP_TIMEOUT_S = 300.0
+
+    def __init__(self, configDict: dict[str, Any] | None = None) -> None:
+        AdImageProcessor.__init__(self, configDict or {})
+        config = dict(configDict or {})
+        self.params = PeakNetProcessorParams.from_config(config)
+        self._processor_id = int(config.get("processorId", 1) or 1)
+        self._layout = PanelLayout(self.params.panel_shape)
+
+        # Created before anything can call process() (it may run before start() returns).
+        self._cond = threading.Condition()
+        self._ring: deque[_Item] = deque()
+        self._stopping = False
+        self._engine: threading.Thread | None = None
+        self._engine_error: BaseException | None = None
+        self._stats = _Stats()
+        self._stats_lock = threading.Lock()
+        self._ids = IdGapCounter(config.get("nSequentialUpdates", 1), config.get("objectIdOffset", 1))
+        self._bad_last_log = 0.0
+        self._bad_since_log = 0
+        self._drop_last_log = 0.0
+        self._drops_since_log = 0
+        self._warned_no_energy = False
+        self._warmed_up = False
+
+        self.device_name = self._resolve_device(self.params.device)
+        from ..finder import PeakFinder  # torch: imported in the consumer process only
+
+        p = self.params
+        self.finder = PeakFinder(
+            p.weights,
+            model=p.model,
+            backend=p.backend,
+            device=self.device_name,
+            panel_shape=p.panel_shape,
+            batch_size=p.batch_size,
+            num_buffers=p.num_buffers,
+            dtype=p.dtype,
+            compile=p.compile,
+            centroid=p.centroid,
+            max_peaks=p.max_peaks,
+            per_event_norm=p.per_event_norm,
+        )
+        self.pipeline = self.finder.pipeline
+        if p.panel_shape is not None:
+            t0 = time.perf_counter()
+            self.finder.warmup((1,) + p.panel_shape, np.float32)
+            self._warmed_up = True
+            self.logger.info(
+                "processor %s: PeakFinder on %s warmed up in %.2f s", self._processor_id, self.device_name,
+                time.perf_counter() - t0,
+            )
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _resolve_device(self, device: str) -> str:
+        if device != "auto":
+            return device
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return f"cuda:{(self._processor_id - 1) % torch.cuda.device_count()}"
+        return "cpu"
+
+    def _log_bad_frame(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._bad_since_log += 1
+        if self._bad_last_log == 0.0 or now - self._bad_last_log >= self.BAD_FRAME_LOG_PERIOD_S:
+            self.logger.warning(
+                "processor %s: dropped %d bad frame(s); latest: %s", self._processor_id, self._bad_since_log, exc
+            )
+            self._bad_last_log = now
+            self._bad_since_log = 0
+
+    def _log_drop(self, unique_id: int, why: str) -> None:
+        now = time.monotonic()
+        self._drops_since_log += 1
+        if self._drop_last_log == 0.0 or now - self._drop_last_log >= self.BAD_FRAME_LOG_PERIOD_S:
+            self.logger.warning(
+                "processor %s: dropped %d frame(s) (%s, ring_size=%d); latest uniqueId=%d",
+                self._processor_id, self._drops_since_log, why, self.params.ring_size, unique_id,
+            )
+            self._drop_last_log = now
+            self._drops_since_log = 0
+
+    # -- pvapy interface ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (pvapy calls this before the input monitor starts)."""
+        if self._engine is not None:
+            return
+        self._engine = threading.Thread(target=self._engine_main, name=f"peaknet-engine-{self._processor_id}", daemon=True)
+        self._engine.start()
+
+    def process(self, pvObject: Any) -> None:
+        """Decode one frame into the ring and return (runs on pvAccess's receive thread)."""
+        t_in = time.monotonic()
+        st = self._stats
+        st.n_frames_in += 1
+        if st.t_first_in is None:
+            st.t_first_in = t_in
+        params = self.params
+        try:
+            frame = decode_ntndarray(pvObject, self._layout, photon_energy_attribute=params.photon_energy_attribute)
+        except FrameError as exc:
+            st.n_bad_frames += 1
+            self._log_bad_frame(exc)
+            return None
+        except Exception as exc:  # not an NtNdArray at all
+            st.n_bad_frames += 1
+            self._log_bad_frame(FrameError(f"cannot decode update: {exc!r}"))
+            return None
+        self._ids.update(frame.unique_id)
+        with self._cond:
+            full = len(self._ring) >= params.ring_size
+            if not (self._stopping or full):
+                self._ring.append(_Item(frame, t_in))
+                self._cond.notify()
+                return None
+            st.n_dropped += 1
+        self._log_drop(frame.unique_id, "ring full" if full else "stopping")
+        return None
+
+    def stop(self) -> None:
+        """Finish and publish every queued frame, then release the model."""
+        if self.pipeline is None:  # already stopped
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        engine = self._engine
+        if engine is not None:
+            engine.join(self.STOP_TIMEOUT_S)
+            if engine.is_alive():
+                self.logger.error("processor %s: engine did not drain within %.0f s", self._processor_id, self.STOP_TIMEOUT_S)
+                return
+        else:
+            self._drain_without_engine()
+        self._release()
+
+    def configure(self, configDict: Any) -> None:
+        """Change ``min_peaks``, ``forward_images``, ``centroid`` or ``batch_timeout_ms``.
+
+        Keys pvapy handles itself are ignored; an invalid value is logged and the old one kept.
+        """
+        if not isinstance(configDict, dict):
+            self.logger.error("processor %s: configure needs a JSON object, got %r", self._processor_id, configDict)
+            return
+        changes = {k: v for k, v in configDict.items() if k not in PVAPY_KEYS}
+        if not changes:
+            return
+        try:
+            new = self.params.with_changes(changes)
+        except (ConfigError, TypeError) as exc:
+            self.logger.error("processor %s: configure %s rejected, keeping the old values: %s", self._processor_id, changes, exc)
+            return
+        self.params = new
+        self.logger.warning("processor %s: configured %s", self._processor_id, changes)
+
+    def getOutputPvObjectType(self, pvObject: Any) -> Any:
+        return output_type()
+
+    def resetStats(self) -> None:
+        with self._stats_lock:
+            self._stats.reset()
+            self._ids.reset()
+
+    def getStats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            st = self._stats
+            n = st.n_processed
+            elapsed = 0.0
+            if st.t_first_in is not None and st.t_last_out is not None:
+                elapsed = max(st.t_last_out - st.t_first_in, 0.0)
+            return {
+                "nFramesIn": int(st.n_frames_in),
+                "nProcessed": int(n),
+                "nDropped": int(st.n_dropped),
+                "nBadFrames": int(st.n_bad_frames),
+                "nMissedIds": int(self._ids.missed),
+                "nBatches": int(st.n_batches),
+                "nPeaks": int(st.n_peaks),
+                "nHits": int(st.n_hits),
+                "nImagesForwarded": int(st.n_images_forwarded),
+                "nPeakOverflow": int(st.n_peak_overflow),
+                "nPublishErrors": int(st.n_publish_errors),
+                "nEngineErrors": int(st.n_engine_errors),
+                "ringFill": int(len(self._ring)),
+                "hitRate": float(st.n_hits / n) if n else 0.0,
+                "meanBatchLatencyMs": float(1e3 * st.batch_latency_s / st.n_batches) if st.n_batches else 0.0,
+                "meanFrameLatencyMs": float(1e3 * st.frame_latency_s / n) if n else 0.0,
+                "framesPerSecond": float(n / elapsed) if elapsed > 0 else 0.0,
+                "minPeaks": int(self.params.min_peaks),
+                "device": str(self.device_name),
+            }
+
+    def getStatsPvaTypes(self) -> dict[str, Any]:
+        return {
+            "nFramesIn": pva.UINT,
+            "nProcessed": pva.UINT,
+            "nDropped": pva.UINT,
+            "nBadFrames": pva.UINT,
+            "nMissedIds": pva.UINT,
+            "nBatches": pva.UINT,
+            "nPeaks": pva.ULONG,
+            "nHits": pva.UINT,
+            "nImagesForwarded": pva.UINT,
+            "nPeakOverflow": pva.UINT,
+            "nPublishErrors": pva.UINT,
+            "nEngineErrors": pva.UINT,
+            "ringFill": pva.UINT,
+            "hitRate": pva.DOUBLE,
+            "meanBatchLatencyMs": pva.DOUBLE,
+            "meanFrameLatencyMs": pva.DOUBLE,
+            "framesPerSecond": pva.DOUBLE,
+            "minPeaks": pva.UINT,
+            "device": pva.STRING,
+        }
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _engine_main(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch:
+                    try:
+                        self._run_batch(batch)
+                    except Exception as exc:  # one failed batch must not stop the stream
+                        with self._stats_lock:
+                            self._stats.n_engine_errors += 1
+                            self._stats.n_dropped += len(batch)
+                        self.logger.exception("processor %s: batch of %d frames failed: %s", self._processor_id, len(batch), exc)
+                    continue
+                # Nothing new within the batch timeout: finish what is in flight.
+                if self.pipeline.in_flight:
+                    self._publish_results(self.pipeline.drain())
+                with self._cond:
+                    if self._stopping and not self._ring:
+                        break
+            self._publish_results(self.pipeline.drain())
+        except BaseException as exc:  # keep the consumer alive; make the failure visible
+            self._engine_error = exc
+            self.logger.exception("processor %s: engine thread failed: %s", self._processor_id, exc)
+            with self._cond:
+                self._stats.n_dropped += len(self._ring)
+                self._ring.clear()
+
+    def _next_batch(self) -> list[_Item]:
+        """Up to batch_size consecutive frames of one shape/dtype; [] if none arrived in time."""
+        params = self.params
+        timeout = params.batch_timeout_ms / 1e3
+        with self._cond:
+            if not self._ring and not self._stopping:
+                # Idle: wake up after the timeout if batches are in flight (to drain them).
+                self._cond.wait(max(timeout, 1e-3) if self.pipeline.in_flight else 0.5)
+            if not self._ring:
+                return []
+            first = self._ring.popleft()
+            batch = [first]
+            deadline = first.t_in + timeout
+            while len(batch) < params.batch_size:
+                if self._ring:
+                    if self._ring[0].key != first.key:
+                        break
+                    batch.append(self._ring.popleft())
+                    continue
+                if self._stopping:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        return batch
+
+    def _sync_backend(self) -> None:
+        """Apply a run-time ``centroid`` change to the backend (between batches)."""
+        backend = self.pipeline.backend
+        centroid = self.params.centroid
+        if getattr(backend, "centroid", centroid) != centroid and dataclasses.is_dataclass(backend):
+            self.pipeline.backend = dataclasses.replace(backend, centroid=centroid)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        self._sync_backend()
+        if not self._warmed_up:
+            self._warmed_up = True
+            t0 = time.perf_counter()
+            self.finder.warmup(batch[0].frame.pixels.shape, batch[0].frame.pixels.dtype)
+            self.logger.info("processor %s: warmed up at first frame in %.2f s", self._processor_id, time.perf_counter() - t0)
+        stack = np.stack([item.frame.pixels for item in batch])
+        try:
+            results = self.pipeline.submit(stack, tag=batch)
+        except FrameError as exc:
+            with self._stats_lock:
+                self._stats.n_bad_frames += len(batch)
+            self._log_bad_frame(exc)
+            return
+        self._publish_results(results)
+
+    def _publish_results(self, results: list[Any]) -> None:
+        for res in results:
+            items: list[_Item] = res.tag
+            with self._stats_lock:
+                self._stats.n_batches += 1
+                self._stats.batch_latency_s += float(res.latency_s)
+            for item, peaks in zip(items, res.peaks):
+                self._publish(item, peaks)
+
+    def _publish(self, item: _Item, peaks: PeakTable) -> None:
+        params = self.params
+        n = peaks.n
+        hit = n >= params.min_peaks
+        fwd = params.forward_images == "all" or (params.forward_images == "hits" and hit)
+        energy = item.frame.photon_energy_ev
+        if energy is None:
+            energy = params.photon_energy_ev
+            if energy is None and not self._warned_no_energy:
+                self._warned_no_energy = True
+                self.logger.warning(
+                    "processor %s: frames carry no %r attribute and photon_energy_ev is not set; "
+                    "publishing photonEnergy = NaN",
+                    self._processor_id,
+                    params.photon_energy_attribute,
+                )
+        out = build_output(item.frame, peaks, include_image=fwd, photon_energy_ev=energy)
+        try:
+            self.updateOutputChannel(out)
+        except Exception as exc:  # pragma: no cover - pvapy already catches
+            self._stats.n_publish_errors += 1
+            self.logger.error("processor %s: publish failed: %s", self._processor_id, exc)
+        now = time.monotonic()
+        with self._stats_lock:
+            st = self._stats
+            st.n_processed += 1
+            st.n_peaks += n
+            st.n_hits += int(hit)
+            st.n_images_forwarded += int(fwd)
+            st.n_peak_overflow += int(peaks.n_overflow)
+            st.frame_latency_s += now - item.t_in
+            st.t_last_out = now
+
+    def _drain_without_engine(self) -> None:
+        """stop() without start(): process what is queued on this thread."""
+        while True:
+            with self._cond:
+                if not self._ring:
+                    break
+            batch = self._next_batch()
+            if batch:
+                self._run_batch(batch)
+        self._publish_results(self.pipeline.drain())
+
+    def _release(self) -> None:
+        finder = getattr(self, "finder", None)
+        self.finder = None
+        self.pipeline = None
+        del finder
+        if self.device_name.startswith("cuda"):
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception:  # pragma: no cover
+                pass
