@@ -62,7 +62,9 @@ class FinderConfig:
     centroid: str = "mask"
     max_peaks: int = 2048
     per_event_norm: bool = False
-    peakfinder8: dict[str, Any] | None = field(default=None, hash=False)
+    #: peakfinder8 backend only: a detector preset name (tuned parameters and its radius map, see
+    #: ``peakfinder8.TUNED_PARAMS``) or a dict of ``Peakfinder8Params`` fields; None = defaults.
+    peakfinder8: str | dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -77,6 +79,8 @@ class FinderConfig:
             if len(shape) != 2 or min(shape) < 1:
                 raise ConfigError(f"panel_shape must be [H, W], got {self.panel_shape!r}")
             object.__setattr__(self, "panel_shape", shape)
+        if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
+            raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32; got {self.dtype!r}")
 
@@ -104,6 +108,22 @@ def build_model(weights: str, model: str | None = None) -> torch.nn.Module:
     return net.eval()
 
 
+def build_peakfinder8(spec: str | dict[str, Any] | None, device: torch.device) -> Any:
+    """A ``Peakfinder8`` from a detector preset name (tuned parameters + that detector's radius
+    map), a dict of ``Peakfinder8Params`` fields, or None (defaults, radius from panel centres)."""
+    from .peakfinder8 import Peakfinder8, Peakfinder8Params, tuned_params
+
+    if isinstance(spec, str):
+        from .simulate import get_detector
+
+        return Peakfinder8(tuned_params(spec), radius=get_detector(spec).radius_map(), device=device)
+    try:
+        params = Peakfinder8Params(**(spec or {}))
+    except TypeError as exc:
+        raise ConfigError(f"peakfinder8: {exc}") from None
+    return Peakfinder8(params, device=device)
+
+
 class PeakFinder:
     """Find Bragg peaks in detector frames with PeakNet (or peakfinder8), on CPU or GPU.
 
@@ -127,10 +147,7 @@ class PeakFinder:
                 per_event_norm=cfg.per_event_norm,
             )
         else:
-            from .peakfinder8 import Peakfinder8, Peakfinder8Params
-
-            params = Peakfinder8Params(**(cfg.peakfinder8 or {}))
-            pf8 = Peakfinder8(params)
+            pf8 = build_peakfinder8(cfg.peakfinder8, self.device)
             self.model = None
             backend = FunctionBackend(pf8.find_peaks)
         self.pipeline = Pipeline(

@@ -174,6 +174,8 @@ class Pipeline:
         frames = self._check(frames)
         t0 = time.perf_counter()
         if not self.cuda:
+            if not frames.flags.writeable:  # e.g. memory-mapped files: torch wants writable memory
+                frames = frames.copy()
             dev = torch.from_numpy(np.ascontiguousarray(frames))
             if self.device.type != "cpu":
                 dev = dev.to(self.device)

@@ -3,7 +3,7 @@
     pvapy-hpc-consumer -dc -ic 'peaknet:*:output' -sc 'cxi:*:status' -cc 'cxi:*:control' \
         -nc 1 -sqs 1000 -rp 5 \
         --processor-file processors/cxi_processor.py --processor-class CxiFileProcessor \
-        --processor-args "$(cat processors/cxi-writer.json)"
+        --processor-args "$(cat examples/args/cxi-writer.json)"
 
 Run the writer set with the same ``-nc`` as the PeakNet set: writer k reads ``peaknet:k:output``.
 """

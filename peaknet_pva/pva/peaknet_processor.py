@@ -135,6 +135,7 @@ class PeakNetProcessorParams:
     photon_energy_ev: float | None = None
     ring_size: int = 256
     per_event_norm: bool = False
+    peakfinder8: str | dict[str, Any] | None = None
 
     RUNTIME_KEYS = ("min_peaks", "forward_images", "centroid", "batch_timeout_ms")
 
@@ -163,6 +164,8 @@ class PeakNetProcessorParams:
             fix(self, "photon_energy_ev", _as_float("photon_energy_ev", self.photon_energy_ev, 0.0))
         fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
+        if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
+            raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> PeakNetProcessorParams:
@@ -317,6 +320,7 @@ class PeakNetImageProcessor(AdImageProcessor):
             centroid=p.centroid,
             max_peaks=p.max_peaks,
             per_event_norm=p.per_event_norm,
+            peakfinder8=p.peakfinder8,
         )
         self.pipeline = self.finder.pipeline
         if p.panel_shape is not None:
