@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detector", default="single")
     s.add_argument("--n-frames", type=int, default=20)
     s.add_argument("--seed", type=int, default=1000)
-    s.add_argument("--backends", default="peaknet,peakfinder8")
+    s.add_argument("--backends", default="peaknet,peaknet:intensity,peakfinder8",
+                   help="comma list: peaknet (mask centroid), peaknet:intensity, peakfinder8")
     s.add_argument("--weights", default="default")
     s.add_argument("--device", default="auto")
     s.add_argument("--png", help="write an overlay PNG of one frame here")

@@ -252,17 +252,19 @@ def evaluate_main(args: Any) -> int:
                 found = []
                 for start in range(0, len(frames), 4):
                     found.extend(finder.find_peaks(frames[start : start + 4]))
-            elif name == "peaknet":
+            elif name.split(":")[0] == "peaknet":
                 from .finder import PeakFinder
 
+                centroid = name.split(":", 1)[1] if ":" in name else "mask"
                 finder = PeakFinder(
-                    weights=getattr(args, "weights", "default"), device=str(device), panel_shape=ds.panel_shape
+                    weights=getattr(args, "weights", "default"), device=str(device), panel_shape=ds.panel_shape,
+                    centroid=centroid,
                 )
                 finder.warmup(frames.shape[1:], frames.dtype)
                 t0 = time.perf_counter()
                 found = finder.find(frames)
             else:
-                raise ValueError(f"unknown backend {name!r} (peaknet, peakfinder8)")
+                raise ValueError(f"unknown backend {name!r} (peaknet, peaknet:intensity, peakfinder8)")
             elapsed = time.perf_counter() - t0
             metrics = evaluate(found, ds.truths).as_dict()
             metrics["seconds_per_frame"] = elapsed / max(len(frames), 1)
