@@ -165,7 +165,6 @@ class Pipeline:
         self._next_slot = 0
         self._inflight: deque[_InFlight] = deque()
         self._streams: tuple[Any, Any, Any] | None = None
-        self._cupy_post_stream: Any = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -262,20 +261,10 @@ class Pipeline:
             post.wait_event(job.slot.compute_done)
             if isinstance(job.state, torch.Tensor):
                 job.state.record_stream(post)
-            with self._cupy_stream(post):
-                peaks = self.backend.extract(job.state, job.slot.dev[: job.n])
+            # find_peaks runs CuPy on torch's current stream (this one), so ordering carries over.
+            peaks = self.backend.extract(job.state, job.slot.dev[: job.n])
         job.state = None
         return BatchResult(job.tag, peaks, time.perf_counter() - job.t0)
-
-    def _cupy_stream(self, stream: torch.cuda.Stream) -> Any:
-        """Make CuPy work on the torch post stream, so CuPy sees the ordering torch set up."""
-        try:
-            import cupy
-        except ImportError:
-            return nullcontext()
-        if self._cupy_post_stream is None:
-            self._cupy_post_stream = cupy.cuda.ExternalStream(stream.cuda_stream, self.device.index or 0)
-        return self._cupy_post_stream
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -50,6 +50,7 @@ class TrainParams:
     seed: int = 0
     eval_every: int = 250
     threads: int = 2
+    balance_detectors: bool = True
 
     def __post_init__(self) -> None:
         if self.crop % 32:
@@ -66,6 +67,7 @@ class PanelPool:
     images: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     spots: list[np.ndarray] = field(default_factory=list)  # (n, 2) y, x per panel
+    groups: list[list[int]] = field(default_factory=list)  # panel indexes of each detector preset
 
 
 def _normalise(frame: np.ndarray) -> np.ndarray:
@@ -86,6 +88,7 @@ def build_pool(params: TrainParams, *, seed: int, n_per_detector: int, progress:
     with tqdm(total=total, desc="simulating", disable=not progress) as bar:
         for name in params.detectors:
             det = DETECTORS[name]
+            pool.groups.append([])
             for _ in range(n_per_detector):
                 frame, truth = simulate_frame(rng, det, SimulationParams())
                 labels = spot_label_mask(frame.shape, truth, fraction=params.label_fraction)
@@ -96,18 +99,24 @@ def build_pool(params: TrainParams, *, seed: int, n_per_detector: int, progress:
                     pool.labels.append(labels[p].astype(np.uint8))
                     sel = det_truth.panel == p
                     pool.spots.append(np.stack([det_truth.y[sel], det_truth.x[sel]], 1))
+                    pool.groups[-1].append(len(pool.images) - 1)
                 bar.update(1)
     return pool
 
 
 def sample_batch(pool: PanelPool, params: TrainParams, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Crops ``(B, 1, c, c)`` and labels ``(B, c, c)``; most crops contain a spot, with random
-    offsets so spots land anywhere in the crop, and random flips."""
+    offsets so spots land anywhere in the crop, and random flips. With ``balance_detectors`` each
+    crop first draws a detector preset uniformly (a 1-panel preset would otherwise be ~4 % of crops)."""
     c = params.crop
     xs = np.zeros((params.batch_size, 1, c, c), np.float32)
     ys = np.zeros((params.batch_size, c, c), np.int64)
     for b in range(params.batch_size):
-        i = int(rng.integers(len(pool.images)))
+        if params.balance_detectors and pool.groups:
+            group = pool.groups[int(rng.integers(len(pool.groups)))]
+            i = group[int(rng.integers(len(group)))]
+        else:
+            i = int(rng.integers(len(pool.images)))
         img, lab, spots = pool.images[i], pool.labels[i], pool.spots[i]
         h, w = img.shape
         ch, cw = min(c, h), min(c, w)
@@ -230,6 +239,14 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
     return record
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """CLI: ``peaknet-pva train --out DIR [--steps N] [--preset P] [--seed S] [--device D]``."""
     defaults = TrainParams()
@@ -241,6 +258,8 @@ def train_main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):
             p.add_argument(flag, default=",".join(value))
+        elif isinstance(value, bool):
+            p.add_argument(flag, type=_parse_bool, default=value, metavar="{true,false}")
         else:
             p.add_argument(flag, type=type(value), default=value)
     args = p.parse_args(argv)

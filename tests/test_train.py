@@ -1,0 +1,64 @@
+"""Training: runs, checkpoints, resumes where it stopped, refuses a different config, balances presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peaknet_pva.errors import ConfigError
+from peaknet_pva.model import load_checkpoint
+from peaknet_pva.train import PanelPool, TrainParams, focal_loss, sample_batch, train, train_main
+
+TINY = dict(detectors=("single",), frames_per_detector=1, val_frames_per_detector=1, crop=64, batch_size=2,
+            eval_every=2, warmup_steps=1, threads=1)
+
+
+def test_train_checkpoints_and_resumes(tmp_path: Path):
+    out = tmp_path / "run"
+    record = train(TrainParams(steps=2, **TINY), out, device="cpu", progress=False)
+    assert [h["step"] for h in record["history"]] == [2]
+    assert (out / "best.pt").exists() and (out / "last.pt").exists()
+    model = load_checkpoint(out / "best.pt")  # embedded config: loads without naming the preset
+    assert model.config.backbone_dims == (40, 80, 160, 320)
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == 2
+    with pytest.raises(ConfigError, match="other parameters"):
+        train(TrainParams(steps=4, **TINY), out, device="cpu", progress=False)
+
+
+def test_train_cli_resume(tmp_path: Path):
+    out = tmp_path / "cli"
+    args = ["--out", str(out), "--detectors", "single", "--frames-per-detector", "1", "--val-frames-per-detector", "1",
+            "--crop", "64", "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--warmup-steps", "1",
+            "--threads", "1", "--no-progress", "--balance-detectors", "false"]
+    assert train_main(args) == 0
+    assert train_main(args) == 0  # already done: resumes at step 2 and stops
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    assert (out / "command.txt").read_text().startswith("peaknet-pva train --out")
+
+
+def test_sampling_balances_presets():
+    pool = PanelPool()
+    for g, n_panels in enumerate((1, 30)):  # one 1-panel preset, one 30-panel preset
+        pool.groups.append([])
+        for _ in range(n_panels):
+            pool.images.append(np.full((64, 64), g, np.float16))
+            pool.labels.append(np.zeros((64, 64), np.uint8))
+            pool.spots.append(np.zeros((0, 2)))
+            pool.groups[-1].append(len(pool.images) - 1)
+    params = TrainParams(crop=64, batch_size=400)
+    x, _ = sample_batch(pool, params, np.random.default_rng(0))
+    share = float((x[:, 0, 0, 0] == 0).float().mean())
+    assert 0.4 < share < 0.6
+    x, _ = sample_batch(pool, TrainParams(crop=64, batch_size=400, balance_detectors=False), np.random.default_rng(0))
+    assert float((x[:, 0, 0, 0] == 0).float().mean()) < 0.1
+
+
+def test_focal_loss_prefers_correct_predictions():
+    target = torch.tensor([[[0, 1]]])
+    good = torch.tensor([[[[5.0, -5.0]], [[-5.0, 5.0]]]])
+    bad = -good
+    assert focal_loss(good, target, gamma=2.0, pos_weight=4.0) < 1e-3 < focal_loss(bad, target, gamma=2.0, pos_weight=4.0)
