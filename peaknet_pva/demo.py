@@ -148,6 +148,17 @@ def run_demo(
                           channels={"image": ch["image"], "output": ch["output"]})
     started: list[Any] = []
     try:
+        # The source first: a consumer counts as connected once it has the source's initial value.
+        # The replay server holds the stream until every consumer of both sets is connected.
+        n_ids = range(1, n_consumers + 1)
+        pk_status = [ch["pk_status"].replace("*", str(i)) for i in n_ids]
+        wr_status = [ch["wr_status"].replace("*", str(i)) for i in n_ids]
+        replay = procs.start_replay(
+            data_dir, ch["image"], fps=fps, n_frames=n_frames, wait_connected=pk_status + wr_status,
+            extra=["--report-period", "0", "--wait-timeout", str(2 * START_TIMEOUT_S)],
+            log_path=run_dir / "replay.log", env=env,
+        )
+        started.append(replay)
         pk = procs.start_consumer(
             "peaknet_pva.PeakNetImageProcessor", ch["image"], output_channel=ch["pk_out"],
             status_channel=ch["pk_status"], control_channel=ch["pk_control"], n_consumers=n_consumers,
@@ -155,25 +166,21 @@ def run_demo(
             log_path=run_dir / "peaknet-consumers.log", env=env, name="peaknet",
         )
         started.append(pk)
-        wr = procs.start_consumer(
-            "peaknet_pva.CxiFileProcessor", ch["pk_out"], status_channel=ch["wr_status"],
-            control_channel=ch["wr_control"], n_consumers=n_consumers, server_queue_size=1000,
-            processor_args=wr_args, report_period_s=1.0, log_path=run_dir / "cxi-consumers.log", env=env,
-            name="cxi",
-        )
-        started.append(wr)
-        log.info("waiting for %d inference and %d writer consumers to load and connect", n_consumers, n_consumers)
+        log.info("waiting for %d inference consumers to load the model and connect", n_consumers)
         procs.wait_for_status(pk.status_channels, timeout_s=START_TIMEOUT_S, proc=pk, min_received=1)
-        procs.wait_for_status(wr.status_channels, timeout_s=START_TIMEOUT_S, proc=wr, min_received=1)
         with procs.OutputMonitor(pk.output_channels) as mon:
-            mon.wait_connected(30)
+            mon.wait_connected(60)
+            wr = procs.start_consumer(
+                "peaknet_pva.CxiFileProcessor", ch["pk_out"], status_channel=ch["wr_status"],
+                control_channel=ch["wr_control"], n_consumers=n_consumers, server_queue_size=1000,
+                processor_args=wr_args, report_period_s=1.0, log_path=run_dir / "cxi-consumers.log", env=env,
+                name="cxi",
+            )
+            started.append(wr)
+            log.info("waiting for %d CXI writer consumers to connect", n_consumers)
+            procs.wait_for_status(wr.status_channels, timeout_s=START_TIMEOUT_S, proc=wr, min_received=1)
             log.info("streaming %d frames at %.1f Hz on %s", n_frames, fps, ch["image"])
             t0 = time.monotonic()
-            replay = procs.start_replay(
-                data_dir, ch["image"], fps=fps, n_frames=n_frames, wait_connected=pk.status_channels,
-                extra=["--report-period", "0"], log_path=run_dir / "replay.log", env=env,
-            )
-            started.append(replay)
             replay.popen.wait(timeout=duration_s * 4 + 120)
             missing = mon.wait_for(range(1, n_frames + 1), timeout_s=max(60.0, duration_s * 2))
             wall = time.monotonic() - t0
@@ -205,7 +212,9 @@ def run_demo(
         uids = sorted(tables)
         metrics = evaluate([tables[u] for u in uids], [ds.truths[u - 1] for u in uids])
         summary.accuracy = metrics.as_dict()
-        best = max(uids, key=lambda u: tables[u].n)
+        hits = [u for u in uids if tables[u].n >= min_peaks] or uids
+        median = sorted(tables[u].n for u in hits)[len(hits) // 2]
+        best = min(hits, key=lambda u: abs(tables[u].n - median))  # a typical hit, not the densest
         png = plot_frame_peaks(ds.frames[best - 1], tables[best], ds.truths[best - 1], path=run_dir / "frame.png",
                                title=f"uniqueId {best}: {tables[best].n} peaks (red) vs truth (circles)")
         summary.png = str(png)
