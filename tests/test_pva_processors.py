@@ -4,7 +4,6 @@ The same classes run inside real consumers in test_pva_stream.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
@@ -71,13 +70,7 @@ def test_params_runtime_changes() -> None:
         p.with_changes({"min_peaks": -3})
 
 
-@pytest.mark.parametrize("name", ["cpu.json", "gpu-4consumers.json"])
-def test_shipped_peaknet_args_parse(name: str) -> None:
-    PeakNetProcessorParams.from_config(json.loads((REPO / "processors" / name).read_text()))
-
-
-def test_shipped_writer_args_parse() -> None:
-    CxiProcessorParams.from_config(json.loads((REPO / "processors" / "cxi-writer.json").read_text()))
+# The shipped example argument files are checked in tests/test_examples.py.
 
 
 def test_writer_params() -> None:

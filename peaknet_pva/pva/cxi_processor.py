@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from ..frames import PeakTable
 from ..geometry import DetectorGeometry, format_geometry, read_geometry
 from .codec import OutputMeta, decode_output
-from .peaknet_processor import PVAPY_KEYS, _as_float, _as_int
+from .args import PVAPY_KEYS, _as_float, _as_int, parse_processor_args
 
 _STOP = object()
 
@@ -88,15 +88,7 @@ class CxiProcessorParams:
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> CxiProcessorParams:
-        config = dict(config or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        ours = {k: v for k, v in config.items() if k not in PVAPY_KEYS}
-        unknown = sorted(set(ours) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown CxiFileProcessor argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
-        return cls(**ours)
+        return parse_processor_args(cls, config, "CxiFileProcessor")
 
 
 @dataclass

@@ -31,83 +31,13 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 
 from ..errors import ConfigError, FrameError
 from ..frames import PanelLayout, PeakTable
+from .args import PVAPY_KEYS, _as_bool, _as_choice, _as_float, _as_int, _as_panel_shape, parse_processor_args
 from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, DecodedFrame, build_output, decode_ntndarray, output_type
-
-#: Keys pvapy adds to every processor's configDict (systemController.createDataProcessorConfig)
-#: or sends to ``configure`` for itself (dataConsumer / dataProcessingController).
-PVAPY_KEYS = frozenset(
-    {
-        "processorId",
-        "inputChannel",
-        "inputMode",
-        "inputArgs",
-        "outputChannel",
-        "outputMode",
-        "outputArgs",
-        "objectIdField",
-        "skipInitialUpdates",
-        "objectIdOffset",
-        "nSequentialUpdates",
-        "fieldRequest",
-        "receiverQueueSize",
-    }
-)
 
 FORWARD_IMAGES = ("all", "hits", "none")
 CENTROIDS = ("mask", "intensity")
 BACKENDS = ("peaknet", "peakfinder8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-
-
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
-        return value.strip().lower() in ("true", "yes", "1")
-    raise ConfigError(f"{key} must be true or false, got {value!r}")
-
-
-def _as_int(key: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    try:
-        out = int(value)
-        if isinstance(value, float) and out != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    if minimum is not None and out < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {out}")
-    return out
-
-
-def _as_float(key: str, value: Any, minimum: float | None = None) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if not np.isfinite(out) or (minimum is not None and out < minimum):
-        raise ConfigError(f"{key} must be a finite number >= {minimum}, got {value!r}")
-    return out
-
-
-def _as_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _as_panel_shape(key: str, value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ConfigError(f"{key} must be [H, W] or null, got {value!r}")
-    h, w = (_as_int(key, v, 1) for v in value)
-    return (h, w)
 
 
 @dataclass(frozen=True)
@@ -170,16 +100,7 @@ class PeakNetProcessorParams:
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> PeakNetProcessorParams:
         """Build from a pvapy configDict: pvapy's own keys are ignored, unknown keys rejected."""
-        config = dict(config or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        ours = {k: v for k, v in config.items() if k not in PVAPY_KEYS}
-        unknown = sorted(set(ours) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown PeakNetImageProcessor argument(s): {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(names))}"
-            )
-        return cls(**ours)
+        return parse_processor_args(cls, config, "PeakNetImageProcessor")
 
     def with_changes(self, changes: dict[str, Any]) -> PeakNetProcessorParams:
         """A copy with run-time changes (``RUNTIME_KEYS`` only), validated."""
