@@ -307,7 +307,8 @@ def test_ad_sim_server_source(tmp_path: Path) -> None:
     image = f"{tag}:image"
     npy = tmp_path / "frames.npy"
     np.save(npy, planted_frames(8, seed=51).reshape(8, 2 * H, W))
-    sim = procs.start_ad_sim_server(image, input_file=npy, fps=20, runtime_s=600, log_path=tmp_path / "sim.log")  # stopped below
+    sim = procs.start_ad_sim_server(image, input_file=npy, fps=20, runtime_s=600, start_delay_s=5.0,
+                                      log_path=tmp_path / "sim.log")  # stopped below
     try:
         procs.wait_for_status([image], timeout_s=30, proc=sim)  # the image channel answers
         with consumer_set(PEAKNET_CLASS, image, tag, tmp_path, role="pk", processor_args=PEAKNET_CPU_ARGS) as pk:

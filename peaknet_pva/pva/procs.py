@@ -317,14 +317,19 @@ def start_ad_sim_server(
     n_y: int = 64,
     datatype: str = "float32",
     n_frames: int = 0,
-    start_delay_s: float = 0.0,
+    start_delay_s: float = 3.0,
     shutdown_delay_s: float = 0.0,
     extra: Sequence[str] = (),
     log_path: str | Path | None = None,
     env: dict[str, str] | None = None,
     name: str = "ad-sim-server",
 ) -> ManagedProcess:
-    """Start ``pvapy-ad-sim-server`` (``-dc``, reporting off)."""
+    """Start ``pvapy-ad-sim-server`` (``-dc``, reporting off).
+
+    ``start_delay_s`` > 0 matters: in pvapy 5.6.0 the publisher thread starts after ``-std``
+    seconds whether or not the producer thread has cached frame 0, and dies with ``KeyError: 0``
+    in ``getFrameFromCache`` when it has not (seen here on a loaded 2-core machine).
+    """
     cmd = [sys.executable, "-m", "pvapy.cli.adSimServer", "-dc", "-cn", channel, "-fps", str(fps), "-rt", str(runtime_s),
            "-std", str(start_delay_s), "-shd", str(shutdown_delay_s), "-rp", "0"]
     if input_file is not None:

@@ -22,6 +22,7 @@ In Python (tests, benchmarks)::
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -37,6 +38,8 @@ import pvaccess as pva
 from ..errors import ConfigError
 from ..loopback import apply_loopback_env
 from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, encode_ntndarray
+
+log = logging.getLogger(__name__)
 
 #: Kinds of bad frame ``publish_bad`` can send (DESIGN 2.1: each must be counted, not crash).
 BAD_KINDS = ("1d", "empty", "rows", "nan", "inf", "int64")
@@ -288,7 +291,7 @@ class ReplayServer:
             now = time.monotonic()
             if report_period_s > 0 and now - t_report >= report_period_s:
                 t_report = now
-                print(f"replay {self.channel}: {sent} frames in {now - t0:.1f} s ({sent / max(now - t0, 1e-9):.1f} fps)", flush=True)
+                log.info("replay %s: %d frames in %.1f s (%.1f fps)", self.channel, sent, now - t0, sent / max(now - t0, 1e-9))
             if dt:
                 delay = t0 + sent * dt - time.monotonic()
                 if delay > 0:
@@ -378,4 +381,5 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(replay_main())
