@@ -137,3 +137,16 @@ def test_cuda_buffered_equals_sequential():
     cpu = Pipeline(ThresholdBackend(), device="cpu", batch_size=4)
     ref = [t for s in range(0, 21, 4) for r in cpu.submit(frames[s : s + 4]) for t in r.peaks]
     _tables_equal(outs[1], ref)
+
+
+def test_peakfinder_bf16_and_compile_match_fp32():
+    """``dtype`` and ``compile`` change how the network runs, not which peaks come out."""
+    from peaknet_pva.simulate import simulate_dataset
+
+    frames = np.asarray(simulate_dataset(2, detector="single", seed=3, progress=False).frames)[:, :, :128, :128]
+    ref = PeakFinder(weights="default", device="cpu", batch_size=2).find(frames)
+    assert sum(t.n for t in ref) > 0
+    bf16 = PeakFinder(weights="default", device="cpu", batch_size=2, dtype="bf16").find(frames)
+    assert abs(sum(t.n for t in bf16) - sum(t.n for t in ref)) <= 2
+    compiled = PeakFinder(weights="default", device="cpu", batch_size=2, compile=True).find(frames)
+    _tables_equal(compiled, ref)
