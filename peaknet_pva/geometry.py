@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,20 +446,26 @@ def format_geometry(geometry: DetectorGeometry) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_geometry(path: str | os.PathLike[str], geometry: DetectorGeometry) -> Path:
-    """Write ``geometry`` as a CrystFEL ``.geom`` file (via a temporary name, then rename)."""
+def write_geometry(path: str | os.PathLike[str], geometry: DetectorGeometry, *, overwrite: bool = True) -> Path:
+    """Write ``geometry`` as a CrystFEL ``.geom`` file (via a temporary name, fsync, then rename).
+
+    ``overwrite=False`` never replaces an existing file, also when several processes race to
+    create it (the final name is a hard link, which fails if it exists): raises FileExistsError.
+    """
     path = Path(path)
     text = format_geometry(geometry)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote CrystFEL geometry %s (%d panels)", path, geometry.n_panels)
     return path
 

@@ -339,3 +339,15 @@ def test_panel_to_slab_general_geometry() -> None:
     assert g.panel_index("b") == 1
     with pytest.raises(ConfigError):
         g.panel_index("c")
+
+
+def test_write_geometry_without_overwrite_keeps_the_existing_file(tmp_path):
+    path = tmp_path / "d.geom"
+    write_geometry(path, DetectorGeometry.stacked(2, (64, 64)))
+    before = path.read_text()
+    with pytest.raises(FileExistsError):
+        write_geometry(path, DetectorGeometry.stacked(4, (32, 32)), overwrite=False)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d.geom"]  # no temporary file left behind
+    write_geometry(path, DetectorGeometry.stacked(4, (32, 32)))  # default: replace
+    assert read_geometry(path).n_panels == 4

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import queue
 import threading
 import time
@@ -42,7 +41,7 @@ from pvapy.hpc.userDataProcessor import UserDataProcessor
 from ..cxi import CxiWriter
 from ..errors import ConfigError
 from ..frames import PeakTable
-from ..geometry import DetectorGeometry, format_geometry, read_geometry
+from ..geometry import DetectorGeometry, format_geometry, read_geometry, write_geometry
 from .codec import OutputMeta, decode_output
 from .args import PVAPY_KEYS, _as_float, _as_int, parse_processor_args
 
@@ -333,21 +332,10 @@ class CxiFileProcessor(UserDataProcessor):
             except OSError:
                 pass
             return
-        tmp = final.with_name(f".{final.name}.c{self._processor_id}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w", encoding="ascii") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, final)  # atomic; fails if another writer got there first
-            except FileExistsError:
-                pass
+            write_geometry(final, geometry, overwrite=False)
             self.logger.info("writer %s: wrote CrystFEL geometry %s", self._processor_id, final)
+        except FileExistsError:
+            pass  # another writer of this set got there first
         except OSError as exc:
             self.logger.error("writer %s: cannot write geometry %s: %s", self._processor_id, final, exc)
-        finally:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
