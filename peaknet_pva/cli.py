@@ -62,8 +62,14 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if getattr(args, "matrix", False):
+        from .robustness import matrix_main
+
+        return int(matrix_main(args) or 0)
     from .evaluate import evaluate_main
 
+    if args.backends is None:
+        args.backends = "peaknet,peaknet:intensity,peakfinder8"
     return int(evaluate_main(args) or 0)
 
 
@@ -169,12 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detector", default="single")
     s.add_argument("--n-frames", type=int, default=20)
     s.add_argument("--seed", type=int, default=1000)
-    s.add_argument("--backends", default="peaknet,peaknet:intensity,peakfinder8",
-                   help="comma list: peaknet (mask centroid), peaknet:intensity, peakfinder8")
+    s.add_argument("--backends", default=None,
+                   help="comma list: peaknet (mask centroid), peaknet:intensity, peakfinder8 "
+                        "(default: all three; with --matrix: peaknet,peakfinder8)")
     s.add_argument("--weights", default="default")
     s.add_argument("--device", default="auto")
     s.add_argument("--png", help="write an overlay PNG of one frame here")
     s.add_argument("--json", help="write the metrics as JSON here")
+    m = s.add_argument_group("robustness matrix (--matrix; frames from peaknet_pva.robustness, not the simulator)")
+    m.add_argument("--matrix", action="store_true",
+                   help="score the backends on every cell of the robustness matrix; write DIR/matrix.{json,md,png}")
+    m.add_argument("--out", default="out/matrix", metavar="DIR", help="--matrix output directory")
+    m.add_argument("--frames-per-cell", type=int, default=None, help="--matrix frames per cell (default 4; quick 1)")
+    m.add_argument("--quick", action="store_true", help="--matrix: a 12-cell subset, 1 frame each")
+    m.add_argument("--tune-seed", type=int, default=None,
+                   help="--matrix: seed of the peakfinder8 tuning frames (default seed+7919; never the eval seed)")
+    m.add_argument("--threads", type=int, default=None, help="--matrix: torch CPU threads (default: torch's)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("infer", help="find peaks in a .npy stack of frames and write CXI files")
