@@ -39,6 +39,7 @@ DEFAULT_PRESET = "peaknet-atto-s"
 DEFAULT_WEIGHTS_FILE = "peaknet-default.pt"
 BACKENDS = ("peaknet", "peakfinder8")
 CENTROIDS = ("mask", "intensity")
+NORMS = ("auto", "instance", "robust")
 
 
 def default_weights_path() -> Path:
@@ -62,6 +63,9 @@ class FinderConfig:
     centroid: str = "mask"
     max_peaks: int = 2048
     per_event_norm: bool = False
+    #: input normalisation: "auto" = what the checkpoint declares (``PeakNetConfig.norm``), or force
+    #: "instance" / "robust" (only meaningful for weights trained that way).
+    norm: str = "auto"
     #: peakfinder8 backend only: a detector preset name (tuned parameters and its radius map, see
     #: ``peakfinder8.TUNED_PARAMS``) or a dict of ``Peakfinder8Params`` fields; None = defaults.
     peakfinder8: str | dict[str, Any] | None = field(default=None, hash=False)
@@ -81,6 +85,8 @@ class FinderConfig:
             object.__setattr__(self, "panel_shape", shape)
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
             raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32; got {self.dtype!r}")
 
@@ -145,6 +151,7 @@ class PeakFinder:
                 centroid=cfg.centroid,
                 max_peaks=cfg.max_peaks,
                 per_event_norm=cfg.per_event_norm,
+                norm=None if cfg.norm == "auto" else cfg.norm,
             )
         else:
             pf8 = build_peakfinder8(cfg.peakfinder8, self.device)
@@ -153,7 +160,10 @@ class PeakFinder:
         self.pipeline = Pipeline(
             backend, device=self.device, batch_size=cfg.batch_size, num_buffers=cfg.num_buffers
         )
-        log.info("PeakFinder ready: backend=%s device=%s weights=%s", cfg.backend, self.device, cfg.weights)
+        log.info(
+            "PeakFinder ready: backend=%s device=%s weights=%s norm=%s", cfg.backend, self.device, cfg.weights,
+            backend.input_norm if cfg.backend == "peaknet" else "-",
+        )
 
     def warmup(self, frame_shape: tuple[int, int, int], dtype: np.dtype | str = np.float32) -> None:
         """Run one full batch of zeros so allocation, cuDNN and compile costs happen now."""

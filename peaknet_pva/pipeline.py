@@ -54,7 +54,10 @@ class PeakNetBackend:
     """PeakNet segmentation → binary masks → batched connected-component peaks.
 
     Mask = argmax over the two classes == 1, written as ``logit1 > logit0`` (ties go to
-    background, as argmax does).
+    background, as argmax does). The input normalisation is the one the weights were trained with
+    (``model.config.norm``) unless ``norm`` overrides it. ``bad_pixels`` (True = bad, ``(P, H, W)``
+    or broadcastable to the batch) are left out of the normalisation, zeroed at the model input and
+    can never be part of a peak.
     """
 
     model: torch.nn.Module
@@ -62,14 +65,38 @@ class PeakNetBackend:
     centroid: str = "mask"
     max_peaks: int = 2048
     per_event_norm: bool = False
+    norm: str | None = None
+    bad_pixels: torch.Tensor | None = None
+
+    @property
+    def input_norm(self) -> str:
+        """The normalisation in use: ``norm`` or the checkpoint's ``config.norm`` (else instance)."""
+        if self.norm is not None:
+            return self.norm
+        inner = getattr(self.model, "_orig_mod", self.model)
+        return getattr(getattr(inner, "config", None), "norm", "instance")
+
+    def _bad(self, frames: torch.Tensor) -> torch.Tensor | None:
+        if self.bad_pixels is None:
+            return None
+        bad = self.bad_pixels
+        if bad.device != frames.device:
+            bad = bad.to(frames.device, non_blocking=True)
+        return bad
 
     def compute(self, frames: torch.Tensor) -> torch.Tensor:
-        x, _ = preprocess(frames, per_event=self.per_event_norm)
+        bad = self._bad(frames)
+        x, (h, w) = preprocess(frames, per_event=self.per_event_norm, norm=self.input_norm, mask=bad)
         use_amp = self.amp_dtype != torch.float32
         ctx = torch.autocast(frames.device.type, dtype=self.amp_dtype) if use_amp else nullcontext()
         with torch.inference_mode(), ctx:
             logits = self.model(x)
-        return (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+        mask = (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+        if bad is not None:
+            b, p = frames.shape[:2]
+            good = (~torch.broadcast_to(bad, frames.shape)).reshape(b * p, h, w).to(torch.uint8)
+            mask[:, :h, :w].mul_(good)
+        return mask
 
     def extract(self, state: torch.Tensor, frames: torch.Tensor) -> list[PeakTable]:
         b, p, h, w = frames.shape
@@ -81,7 +108,6 @@ class PeakNetBackend:
             centroid=self.centroid,
             max_peaks=self.max_peaks,
         )
-
 
 @dataclass(frozen=True)
 class FunctionBackend:

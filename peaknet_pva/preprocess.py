@@ -1,4 +1,4 @@
-"""Frames -> PeakNet input: cast, instance norm, bottom-right zero pad, ``(B*P, 1, H', W')`` packing.
+"""Frames -> PeakNet input: cast, normalise, bottom-right zero pad, ``(B*P, 1, H', W')`` packing.
 
 Runs wherever the frames live (CPU or CUDA tensors): the GPU pipeline sends raw integer frames over
 PCIe and casts/normalises on the device (DESIGN 4), writing into a preallocated buffer it reuses.
@@ -8,6 +8,21 @@ over all panels of an event (``per_event=True``; the seed's ``InstanceNorm`` on 
 reduced over ``(P, H, W)``, i.e. per event). Statistics use the valid ``H x W`` pixels only (never
 the padding) and, for float frames, only finite pixels; non-finite pixels become 0 afterwards. The
 padding is 0, which is the mean after normalisation, and nothing is ever cropped.
+
+Two normalisations (``norm``; a checkpoint declares which one its weights expect,
+``PeakNetConfig.norm``):
+
+- ``"instance"``: the above mean/std, exactly what published PeakNet checkpoints were trained with.
+  A handful of saturated pixels or one very bright spot sets the std, so the scale of the noise
+  depends on what else is in the panel.
+- ``"robust"``: ``asinh(clamp((x - c) / s, min=-CLIP))`` with ``c`` the median and ``s`` 1.4826 x
+  the median of the *nonzero* absolute deviations from ``c`` (a MAD that does not collapse to 0
+  on photon-counting data whose median pixel is exactly the pedestal), refined once over the
+  pixels within ``REFINE_K * s`` of ``c`` (so masked-to-zero regions and gaps under a pedestal do
+  not widen it). Masked and non-finite pixels are excluded and become 0; statistics use a fixed
+  strided subset of at most ``STAT_SAMPLES`` pixels per panel. ``asinh`` is linear for noise and
+  logarithmic for spots, so the network sees spot *shape* the same at any brightness. The result is
+  invariant to gain (ADU/photon, keV, ...) and pedestal, and a few hot pixels cannot move it.
 
 torch is imported lazily so ``peaknet_pva`` imports without it.
 """
@@ -21,7 +36,16 @@ from .errors import ConfigError, FrameError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["padded_shape", "preprocess"]
+__all__ = ["NORMS", "padded_shape", "preprocess"]
+
+NORMS = ("instance", "robust")
+#: Robust norm: deviations below ``-CLIP`` scales (masked zeros under a pedestal, dead rows) are cut.
+CLIP = 10.0
+#: Robust norm: the refinement keeps pixels within this many scales of the first median.
+REFINE_K = 5.0
+#: Robust norm: at most this many pixels (a fixed stride through each panel) feed the statistics.
+STAT_SAMPLES = 65536
+_MAD_TO_SIGMA = 1.4826
 
 
 def padded_shape(h: int, w: int, multiple: int = 32) -> tuple[int, int]:
@@ -44,6 +68,8 @@ def preprocess(
     eps: float = 1e-6,
     multiple: int = 32,
     out: torch.Tensor | None = None,
+    norm: str = "instance",
+    mask: Any = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Normalise and pad a batch of multi-panel frames for PeakNet.
 
@@ -55,6 +81,9 @@ def preprocess(
         multiple: pad H and W up to multiples of this (bottom-right).
         out: optional preallocated float32 ``(B*P, 1, H', W')`` tensor on the frames' device; it is
             fully overwritten (padding included) and returned.
+        norm: ``"instance"`` or ``"robust"`` (module docstring).
+        mask: optional bad-pixel mask, True = bad, broadcastable to ``(B, P, H, W)`` (e.g.
+            ``(P, H, W)``): excluded from the statistics and 0 in the output.
 
     Returns:
         ``(x, (H, W))``: ``x`` float32 ``(B*P, 1, H', W')`` on the frames' device with
@@ -80,7 +109,16 @@ def preprocess(
         raise FrameError(f"complex frames are not supported (dtype {frames.dtype})")
     if not eps >= 0:
         raise ConfigError(f"eps must be >= 0, got {eps!r}")
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}")
     b, p, h, w = (int(v) for v in frames.shape)
+    bad = None
+    if mask is not None:
+        bad = torch.as_tensor(mask, device=frames.device).to(torch.bool)
+        try:
+            bad = torch.broadcast_to(bad, (b, p, h, w))
+        except RuntimeError as exc:
+            raise FrameError(f"mask of shape {tuple(bad.shape)} does not fit frames {(b, p, h, w)}") from exc
     hp, wp = padded_shape(h, w, multiple)
 
     if out is None:
@@ -106,7 +144,12 @@ def preprocess(
     x.copy_(frames)  # cast to float32 where the frames live
 
     dims = (1, 2, 3) if per_event else (2, 3)
-    if frames.is_floating_point():
+    if norm == "robust":
+        _normalise_robust_(x, bad, per_event)
+    elif bad is not None:
+        x.masked_fill_(bad, float("nan"))
+        _normalise_finite_(x, dims, eps)
+    elif frames.is_floating_point():
         _normalise_finite_(x, dims, eps)
     else:
         var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
@@ -134,6 +177,45 @@ def _normalise_finite_(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> No
     var = ((sq - n_bad * mean.square()) / n_good).clamp_(min=0.0)
     x.sub_(mean).mul_(torch.rsqrt(var + eps))
     x.masked_fill_(bad, 0.0)
+
+
+def _nonzero_mad(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """1.4826 x median of the nonzero |x - c| over non-NaN entries, per row; 1 where none."""
+    import torch
+
+    d = (x - c).abs_()
+    d.masked_fill_(d == 0, float("nan"))
+    s = torch.nanmedian(d, dim=1, keepdim=True).values.mul_(_MAD_TO_SIGMA)
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+
+
+def _normalise_robust_(x: torch.Tensor, bad: torch.Tensor | None, per_event: bool) -> None:
+    """In place: ``asinh(clamp((x - c) / s, min=-CLIP))`` with robust per-panel ``c``, ``s``.
+
+    No host sync: NaN marks excluded pixels and ``nanmedian`` skips them (a row with nothing valid
+    gets c = 0, s = 1).
+    """
+    import torch
+
+    b, p, h, w = x.shape
+    excl = ~torch.isfinite(x)
+    if bad is not None:
+        excl |= bad
+    rows = b if per_event else b * p
+    stride = max(1, -(-(x[0].numel() if per_event else h * w) // STAT_SAMPLES))
+    # A strided sample (in the frames' memory order) is plenty for a median of a quarter million pixels.
+    sample = x.masked_fill(excl, float("nan")).reshape(rows, -1)[:, ::stride]
+    c = torch.nanmedian(sample, dim=1, keepdim=True).values
+    c = torch.nan_to_num(c, nan=0.0)
+    s = _nonzero_mad(sample, c)
+    # One refinement over the core: far outliers (zeroed gaps under a pedestal, bright rings) out.
+    core = sample.masked_fill((sample - c).abs() > REFINE_K * s, float("nan"))
+    c2 = torch.nanmedian(core, dim=1, keepdim=True).values
+    c = torch.where(torch.isfinite(c2), c2, c)
+    s = _nonzero_mad(core, c)
+    shape = (b, 1, 1, 1) if per_event else (b, p, 1, 1)
+    x.sub_(c.view(shape)).div_(s.view(shape)).clamp_(min=-CLIP).asinh_()
+    x.masked_fill_(excl, 0.0)
 
 
 def _check_multiple(multiple: int) -> int:

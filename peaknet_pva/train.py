@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import shlex
 import sys
@@ -24,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from typing import Any
+
+from .augment import DomainParams
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,9 +39,10 @@ class TrainParams:
 
     preset: str = "peaknet-atto-s"
     detectors: tuple[str, ...] = ("single", "epix10k2m", "jungfrau4m")
-    frames_per_detector: int = 48
-    val_frames_per_detector: int = 4
-    crop: int = 128
+    frames_per_detector: int = 32
+    val_frames_per_detector: int = 1
+    val_panels: int = 48
+    crop: int = 96
     batch_size: int = 16
     steps: int = 3000
     lr: float = 2e-3
@@ -46,18 +51,32 @@ class TrainParams:
     focal_gamma: float = 2.0
     pos_weight: float = 4.0
     label_fraction: float = 0.3
-    spot_centred: float = 0.8
+    spot_centred: float = 0.5
     seed: int = 0
     eval_every: int = 250
     threads: int = 2
     balance_detectors: bool = True
+    #: input normalisation the weights are trained for (stored in the checkpoint config).
+    norm: str = "robust"
+    #: share of crops from the physical simulator's presets; the rest come from ``augment``.
+    sim_fraction: float = 0.25
+    #: crops cut from each freshly drawn ``augment`` panel.
+    crops_per_panel: int = 4
+    #: start from these weights ("" = random init, "default" = the shipped ones, or a path).
+    init: str = ""
+    #: processes drawing batches ahead of the training loop (0 = in the loop).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.crop % 32:
             raise ConfigError(f"crop must be a multiple of 32, got {self.crop}")
-        for name in ("steps", "batch_size", "frames_per_detector"):
+        for name in ("steps", "batch_size", "frames_per_detector", "crops_per_panel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not 0.0 <= self.sim_fraction <= 1.0:
+            raise ConfigError(f"sim_fraction must be in [0, 1], got {self.sim_fraction}")
+        if self.norm not in ("instance", "robust"):
+            raise ConfigError(f"norm must be instance or robust, got {self.norm!r}")
 
 
 @dataclass
@@ -70,11 +89,12 @@ class PanelPool:
     groups: list[list[int]] = field(default_factory=list)  # panel indexes of each detector preset
 
 
-def _normalise(frame: np.ndarray) -> np.ndarray:
-    """Per-panel instance norm, the same function inference uses; returns (P, H, W) float32."""
+def _normalise(frame: np.ndarray, norm: str = "instance", mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-panel normalisation, the same function inference uses; returns (P, H, W) float32."""
     from .preprocess import preprocess
 
-    x, (h, w) = preprocess(torch.from_numpy(np.ascontiguousarray(frame[None])))
+    bad = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))
+    x, (h, w) = preprocess(torch.from_numpy(np.ascontiguousarray(frame[None])), norm=norm, mask=bad)
     return x[:, 0, :h, :w].numpy()
 
 
@@ -92,7 +112,7 @@ def build_pool(params: TrainParams, *, seed: int, n_per_detector: int, progress:
             for _ in range(n_per_detector):
                 frame, truth = simulate_frame(rng, det, SimulationParams())
                 labels = spot_label_mask(frame.shape, truth, fraction=params.label_fraction)
-                norm = _normalise(frame)
+                norm = _normalise(frame, params.norm)
                 det_truth = truth.detectable_only()
                 for p in range(frame.shape[0]):
                     pool.images.append(norm[p].astype(np.float16))
@@ -104,37 +124,78 @@ def build_pool(params: TrainParams, *, seed: int, n_per_detector: int, progress:
     return pool
 
 
-def sample_batch(pool: PanelPool, params: TrainParams, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops ``(B, 1, c, c)`` and labels ``(B, c, c)``; most crops contain a spot, with random
-    offsets so spots land anywhere in the crop, and random flips. With ``balance_detectors`` each
-    crop first draws a detector preset uniformly (a 1-panel preset would otherwise be ~4 % of crops)."""
-    c = params.crop
-    xs = np.zeros((params.batch_size, 1, c, c), np.float32)
-    ys = np.zeros((params.batch_size, c, c), np.int64)
-    for b in range(params.batch_size):
+def _cut(
+    img: np.ndarray, lab: np.ndarray, spots: np.ndarray, c: int, centred: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One ``c x c`` crop (zero-padded bottom-right if the panel is smaller, as inference pads),
+    near a spot with probability ``centred``, randomly flipped and transposed."""
+    h, w = img.shape
+    ch, cw = min(c, h), min(c, w)
+    if len(spots) and rng.random() < centred:
+        y, x = spots[rng.integers(len(spots))]
+        y0 = int(np.clip(y - rng.integers(0, ch), 0, h - ch))
+        x0 = int(np.clip(x - rng.integers(0, cw), 0, w - cw))
+    else:
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    ci = img[y0 : y0 + ch, x0 : x0 + cw].astype(np.float32)
+    cl = lab[y0 : y0 + ch, x0 : x0 + cw]
+    if rng.random() < 0.5:
+        ci, cl = ci[::-1], cl[::-1]
+    if rng.random() < 0.5:
+        ci, cl = ci[:, ::-1], cl[:, ::-1]
+    xs = np.zeros((c, c), np.float32)
+    ys = np.zeros((c, c), np.int64)
+    if ch == cw and rng.random() < 0.5:
+        ci, cl = ci.T, cl.T
+    xs[: ci.shape[0], : ci.shape[1]] = ci
+    ys[: cl.shape[0], : cl.shape[1]] = cl
+    return xs, ys
+
+
+def sample_batch(
+    pool: PanelPool, params: TrainParams, rng: np.random.Generator, domain: DomainParams | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops ``(B, 1, c, c)`` and labels ``(B, c, c)``.
+
+    A ``sim_fraction`` share comes from the simulator pool (with ``balance_detectors`` each such
+    crop first draws a detector preset uniformly); the rest from fresh ``augment`` panels, each
+    normalised whole (with its declared mask) exactly as inference does, ``crops_per_panel`` crops
+    each. Crops sit near a spot with probability ``spot_centred``, at random offsets.
+    """
+    from .augment import sample_panel
+
+    c, bsz = params.crop, params.batch_size
+    xs = np.zeros((bsz, 1, c, c), np.float32)
+    ys = np.zeros((bsz, c, c), np.int64)
+    n_sim = int(rng.binomial(bsz, params.sim_fraction)) if pool.images else 0
+    for b in range(n_sim):
         if params.balance_detectors and pool.groups:
             group = pool.groups[int(rng.integers(len(pool.groups)))]
             i = group[int(rng.integers(len(group)))]
         else:
             i = int(rng.integers(len(pool.images)))
-        img, lab, spots = pool.images[i], pool.labels[i], pool.spots[i]
-        h, w = img.shape
-        ch, cw = min(c, h), min(c, w)
-        if len(spots) and rng.random() < params.spot_centred:
-            y, x = spots[rng.integers(len(spots))]
-            y0 = int(np.clip(y - rng.integers(0, ch), 0, h - ch))
-            x0 = int(np.clip(x - rng.integers(0, cw), 0, w - cw))
-        else:
-            y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        crop_img = img[y0 : y0 + ch, x0 : x0 + cw].astype(np.float32)
-        crop_lab = lab[y0 : y0 + ch, x0 : x0 + cw]
-        if rng.random() < 0.5:
-            crop_img, crop_lab = crop_img[::-1], crop_lab[::-1]
-        if rng.random() < 0.5:
-            crop_img, crop_lab = crop_img[:, ::-1], crop_lab[:, ::-1]
-        xs[b, 0, :ch, :cw] = crop_img
-        ys[b, :ch, :cw] = crop_lab
+        xs[b, 0], ys[b] = _cut(pool.images[i], pool.labels[i], pool.spots[i], c, params.spot_centred, rng)
+    b = n_sim
+    while b < bsz:
+        panel = sample_panel(rng, domain)
+        norm = _normalise(panel.image[None], params.norm, None if panel.mask is None else panel.mask[None])[0]
+        spots = np.stack([panel.y[panel.detectable], panel.x[panel.detectable]], 1)
+        for _ in range(min(params.crops_per_panel, bsz - b)):
+            xs[b, 0], ys[b] = _cut(norm, panel.label, spots, c, params.spot_centred, rng)
+            b += 1
     return torch.from_numpy(xs), torch.from_numpy(ys)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Batches for steps ``start, start+1, ...``; step ``k``'s batch depends only on (seed, k)."""
+
+    def __init__(self, pool: PanelPool, params: TrainParams, start: int, domain: DomainParams) -> None:
+        self.pool, self.params, self.start, self.domain = pool, params, start, domain
+
+    def __iter__(self):  # type: ignore[override]
+        torch.set_num_threads(1)
+        for step in range(self.start, self.params.steps):
+            yield sample_batch(self.pool, self.params, np.random.default_rng([self.params.seed, step]), self.domain)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float, pos_weight: float) -> torch.Tensor:
@@ -146,64 +207,120 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float, pos_
     return loss.sum() / weight.sum()
 
 
-def evaluate_pool(model: torch.nn.Module, frames: list[tuple[np.ndarray, object]]) -> dict[str, float]:
-    """F1 / RMSE of the model on whole simulated frames, through the same path as inference."""
+@dataclass
+class ValItem:
+    """A whole frame for validation: raw values ``(P, H, W)``, its truth, an optional bad mask."""
+
+    frame: np.ndarray
+    truth: Any
+    mask: np.ndarray | None = None
+
+
+def validation_set(params: TrainParams, domain: DomainParams) -> tuple[list[ValItem], list[ValItem]]:
+    """Fixed validation frames from streams training never draws: ``augment`` panels and
+    simulator frames. (The robustness matrix, which reports, has its own generator.)"""
+    from .augment import sample_panel
+    from .simulate import DETECTORS, SimulationParams, TruthTable, simulate_frame
+
+    rng = np.random.default_rng([params.seed, 10_000_019])
+    broad = []
+    for _ in range(params.val_panels):
+        p = sample_panel(rng, domain, shape=(256, 256))
+        n = p.y.shape[0]
+        truth = TruthTable(
+            panel=np.zeros(n, np.uint16), y=p.y, x=p.x, intensity=np.zeros(n), sigma=np.zeros(n),
+            snr=p.snr, detectable=p.detectable,
+        )
+        broad.append(ValItem(p.image[None], truth, None if p.mask is None else p.mask[None]))
+    vrng = np.random.default_rng(params.seed + 10_000)
+    sim = [
+        ValItem(*simulate_frame(vrng, DETECTORS[name], SimulationParams()))
+        for name in params.detectors
+        for _ in range(params.val_frames_per_detector)
+    ]
+    return broad, sim
+
+
+def evaluate_items(model: torch.nn.Module, items: list[ValItem]) -> dict[str, float]:
+    """F1 / RMSE of the model on whole frames, through the inference path (``PeakNetBackend``)."""
     from .evaluate import evaluate
     from .pipeline import PeakNetBackend
 
-    backend = PeakNetBackend(model)
     found, truths = [], []
     model.eval()
-    for frame, truth in frames:
-        t = torch.from_numpy(np.ascontiguousarray(frame[None]))
+    for item in items:
+        bad = None if item.mask is None else torch.from_numpy(item.mask)
+        backend = PeakNetBackend(model, bad_pixels=bad)
+        t = torch.from_numpy(np.ascontiguousarray(item.frame[None]))
         found.extend(backend.extract(backend.compute(t), t))
-        truths.append(truth)
+        truths.append(item.truth)
     model.train()
     return evaluate(found, truths).as_dict()
 
 
+def evaluate_pool(model: torch.nn.Module, frames: list[tuple[np.ndarray, object]]) -> dict[str, float]:
+    """F1 / RMSE of the model on whole simulated ``(frame, truth)`` pairs."""
+    return evaluate_items(model, [ValItem(f, t) for f, t in frames])
+
+
+def _init_model(params: TrainParams) -> torch.nn.Module:
+    from .model import create_model, load_checkpoint
+
+    model = create_model(params.preset)
+    if params.init:
+        from .finder import default_weights_path
+
+        src = default_weights_path() if params.init == "default" else Path(params.init)
+        load_checkpoint(src, model)
+    model.config = model.config.replace(norm=params.norm)
+    return model
+
+
 def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress: bool = True) -> dict:
     """Train (or resume) into ``out_dir``; write ``last.pt`` (resumable), ``best.pt``, ``train.json``."""
-    from .model import create_model, save_checkpoint
+    from .augment import DomainParams
+    from .model import save_checkpoint
     from .pipeline import resolve_device
-    from .simulate import DETECTORS, SimulationParams, simulate_frame
 
     torch.manual_seed(params.seed)
     torch.set_num_threads(params.threads)
     dev = resolve_device(device)
+    domain = DomainParams(label_fraction=params.label_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = create_model(params.preset).to(dev)
+    model = _init_model(params).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / params.warmup_steps)
-        * 0.5 * (1 + np.cos(np.pi * min(1.0, s / params.steps))),
+        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / params.steps))),
     )
     state_path = out_dir / "last.pt"
-    step, best_f1, history = 0, -1.0, []
+    step, best_score, history = 0, -1.0, []
     if state_path.exists():
-        state = torch.load(state_path, map_location=dev, weights_only=False)
-        if state["params"] != asdict(params):
+        # weights_only: a planted last.pt cannot run code; everything saved is tensors and plain data.
+        state = torch.load(state_path, map_location=dev, weights_only=True)
+        if state["params"] != _plain(asdict(params)):
             raise ConfigError(f"{state_path} was trained with other parameters; use a new --out")
         model.load_state_dict(state["model_state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, best_f1, history = state["step"], state["best_f1"], state["history"]
-        log.info("resuming from step %d (best F1 %.4f)", step, best_f1)
+        step, best_score, history = state["step"], state["best_score"], state["history"]
+        log.info("resuming from step %d (best score %.4f)", step, best_score)
 
-    pool = build_pool(params, seed=params.seed, n_per_detector=params.frames_per_detector, progress=progress)
-    vrng = np.random.default_rng(params.seed + 10_000)
-    val = [
-        simulate_frame(vrng, DETECTORS[name], SimulationParams())
-        for name in params.detectors
-        for _ in range(params.val_frames_per_detector)
-    ]
-    rng = np.random.default_rng(params.seed + step)
+    pool = (
+        build_pool(params, seed=params.seed, n_per_detector=params.frames_per_detector, progress=progress)
+        if params.sim_fraction > 0
+        else PanelPool()
+    )
+    val_broad, val_sim = validation_set(params, domain)
+    stream = _BatchStream(pool, params, step, domain)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=params.workers, prefetch_factor=4 if params.workers else None
+    )
     model.train()
     t0 = time.time()
     with tqdm(total=params.steps, initial=step, desc="training", disable=not progress) as bar:
-        while step < params.steps:
-            x, y = sample_batch(pool, params, rng)
+        for x, y in loader:
             logits = model(x.to(dev))
             loss = focal_loss(logits, y.to(dev), gamma=params.focal_gamma, pos_weight=params.pos_weight)
             opt.zero_grad(set_to_none=True)
@@ -215,28 +332,44 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % params.eval_every == 0 or step == params.steps:
-                metrics = evaluate_pool(model, val)
-                metrics.update(step=step, loss=float(loss.item()), elapsed_s=time.time() - t0)
+                broad = evaluate_items(model, val_broad)
+                sim = evaluate_items(model, val_sim)
+                # Best = the weaker of the two domains: the default must not trade one for the other.
+                score = min(broad["f1"], sim["f1"])
+                metrics = {"step": step, "loss": float(loss.item()), "elapsed_s": time.time() - t0,
+                           "score": score, "broad": broad, "sim": sim}
                 history.append(metrics)
                 log.info("step %d: %s", step, json.dumps(metrics))
-                if metrics["f1"] > best_f1:
-                    best_f1 = metrics["f1"]
+                bar.write(f"step {step}: broad F1 {broad['f1']:.4f} P {broad['precision']:.4f} "
+                          f"R {broad['recall']:.4f} | sim F1 {sim['f1']:.4f} RMSE {sim['rmse_px']}")
+                if score > best_score:
+                    best_score = score
                     save_checkpoint(out_dir / "best.pt", model)
+                tmp = state_path.with_name("last.pt.tmp")
                 torch.save(
                     {
                         "model_state_dict": model.state_dict(),
                         "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(),
                         "step": step,
-                        "best_f1": best_f1,
+                        "best_score": best_score,
                         "history": history,
-                        "params": asdict(params),
+                        "params": _plain(asdict(params)),
                     },
-                    state_path,
+                    tmp,
                 )
-    record = {"params": asdict(params), "history": history, "best_f1": best_f1, "device": str(dev)}
+                tmp.replace(state_path)
+            if step >= params.steps:
+                break
+    record = {"params": _plain(asdict(params)), "domain": _plain(domain.as_dict()), "history": history,
+              "best_score": best_score, "device": str(dev)}
     (out_dir / "train.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _plain(d: dict) -> dict:
+    """Tuples as lists, so what ``torch.load(weights_only=True)`` gives back compares equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _parse_bool(text: str) -> bool:
@@ -270,5 +403,5 @@ def train_main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("peaknet-pva train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "\n")
     record = train(params, out, device=args.device, progress=not args.no_progress)
-    log.info("best F1 %.4f; weights in %s", record["best_f1"], out / "best.pt")
+    log.info("best score %.4f; weights in %s", record["best_score"], out / "best.pt")
     return 0

@@ -143,3 +143,79 @@ def test_bad_frames() -> None:
         preprocess(torch.zeros(1, 1, 4, 4, dtype=torch.complex64))
     with pytest.raises(ConfigError):
         preprocess(torch.zeros(1, 1, 4, 4), multiple=0)
+
+
+# -- robust normalisation ----------------------------------------------------------------------
+def _photons(seed: int, level: float, shape=(1, 2, 128, 128)) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(level, size=shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("level", [0.01, 0.5, 10.0, 300.0])
+def test_robust_norm_is_gain_and_pedestal_invariant(level: float) -> None:
+    photons = _photons(0, level)
+    ref, _ = preprocess(torch.from_numpy(photons.astype(np.float32)), norm="robust")
+    for gain, pedestal, dtype in [(37.0, 1000.0, np.uint16), (0.1, 5.0, np.float32), (9.5, 0.0, np.float32)]:
+        got, _ = preprocess(torch.from_numpy((photons * gain + pedestal).astype(dtype)), norm="robust")
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-3 if dtype is np.float32 else 1e-4)
+
+
+def test_robust_norm_does_not_collapse_on_photon_counting_data() -> None:
+    """At 0.01 photons/pixel the median and the plain MAD are 0; a single photon must still be a
+    finite, modest value and the panel must not blow up."""
+    photons = _photons(1, 0.01)
+    x, _ = preprocess(torch.from_numpy(photons.astype(np.float32)), norm="robust")
+    a = x.numpy()[:, 0]
+    assert np.isfinite(a).all()
+    one = a[photons.reshape(a.shape) == 1]
+    assert 0.3 < one.min() <= one.max() < 1.5
+    assert np.allclose(a[photons.reshape(a.shape) == 0], 0.0)
+
+
+def test_a_handful_of_hot_pixels_cannot_swing_the_robust_norm() -> None:
+    photons = _photons(2, 10.0)
+    clean, _ = preprocess(torch.from_numpy(photons.astype(np.float32)), norm="robust")
+    hot = photons.copy()
+    idx = np.random.default_rng(3).integers(0, 128 * 128, 16)
+    hot.reshape(2, -1)[:, idx] = 65535
+    dirty, _ = preprocess(torch.from_numpy(hot.astype(np.float32)), norm="robust")
+    keep = np.ones((2, 128 * 128), bool)
+    keep[:, idx] = False
+    diff = (dirty - clean).numpy()[:, 0].reshape(2, -1)[keep]
+    assert np.abs(diff).max() < 0.05
+    # The instance norm is swung by the same pixels: the noise shrinks several-fold.
+    inst_clean, _ = preprocess(torch.from_numpy(photons.astype(np.float32)))
+    inst_dirty, _ = preprocess(torch.from_numpy(hot.astype(np.float32)))
+    assert inst_dirty.numpy()[:, 0].reshape(2, -1)[keep].std() < 0.3 * inst_clean.numpy().std()
+
+
+def test_mask_is_excluded_and_zeroed_in_both_norms() -> None:
+    photons = _photons(4, 20.0) + 500.0
+    mask = np.zeros((2, 128, 128), bool)
+    mask[:, :40] = True  # a third of each panel masked
+    zeroed = photons.copy()
+    zeroed[:, mask] = 0.0
+    ref, _ = preprocess(torch.from_numpy(photons.astype(np.float32)), norm="robust")
+    for norm in ("robust", "instance"):
+        got, _ = preprocess(torch.from_numpy(zeroed.astype(np.float32)), norm=norm, mask=torch.from_numpy(mask))
+        a = got.numpy()[:, 0]
+        assert (a[mask] == 0).all()
+        if norm == "robust":  # the statistics of the rest are those of the unmasked panel
+            assert np.abs(a[~mask] - ref.numpy()[:, 0][~mask]).max() < 0.1
+        else:
+            v = a[~mask]
+            assert abs(v.mean()) < 0.05 and abs(v.std() - 1) < 0.05
+    # Without a declared mask the robust norm still keeps the zeroed third from widening the scale.
+    undeclared, _ = preprocess(torch.from_numpy(zeroed.astype(np.float32)), norm="robust")
+    a = undeclared.numpy()[:, 0]
+    assert np.abs(a[~mask] - ref.numpy()[:, 0][~mask]).max() < 0.15
+    assert a[mask].max() < -2.5  # clipped, bounded
+
+
+def test_robust_norm_constant_and_nonfinite_panels() -> None:
+    frames = np.full((1, 2, 64, 64), 42.0, np.float32)
+    frames[0, 1, :5] = np.nan
+    frames[0, 1, 5:7] = np.inf
+    x, _ = preprocess(torch.from_numpy(frames), norm="robust")
+    assert torch.isfinite(x).all() and float(x.abs().max()) == 0.0
+    with pytest.raises(ConfigError):
+        preprocess(torch.from_numpy(frames), norm="median")

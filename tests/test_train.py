@@ -13,7 +13,7 @@ from peaknet_pva.model import load_checkpoint
 from peaknet_pva.train import PanelPool, TrainParams, focal_loss, sample_batch, train, train_main
 
 TINY = dict(detectors=("single",), frames_per_detector=1, val_frames_per_detector=1, crop=64, batch_size=2,
-            eval_every=2, warmup_steps=1, threads=1)
+            eval_every=2, warmup_steps=1, threads=1, val_panels=2, workers=0)
 
 
 def test_train_checkpoints_and_resumes(tmp_path: Path):
@@ -23,7 +23,8 @@ def test_train_checkpoints_and_resumes(tmp_path: Path):
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
     model = load_checkpoint(out / "best.pt")  # embedded config: loads without naming the preset
     assert model.config.backbone_dims == (40, 80, 160, 320)
-    state = torch.load(out / "last.pt", weights_only=False)
+    assert model.config.norm == "robust"  # the normalisation it was trained for travels with it
+    state = torch.load(out / "last.pt", weights_only=True)  # plain data: resumable without pickle code
     assert state["step"] == 2
     with pytest.raises(ConfigError, match="other parameters"):
         train(TrainParams(steps=4, **TINY), out, device="cpu", progress=False)
@@ -33,10 +34,11 @@ def test_train_cli_resume(tmp_path: Path):
     out = tmp_path / "cli"
     args = ["--out", str(out), "--detectors", "single", "--frames-per-detector", "1", "--val-frames-per-detector", "1",
             "--crop", "64", "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--warmup-steps", "1",
-            "--threads", "1", "--no-progress", "--balance-detectors", "false"]
+            "--threads", "1", "--no-progress", "--balance-detectors", "false", "--val-panels", "2",
+            "--workers", "1"]
     assert train_main(args) == 0
     assert train_main(args) == 0  # already done: resumes at step 2 and stops
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
     assert (out / "command.txt").read_text().startswith("peaknet-pva train --out")
 
 
@@ -49,11 +51,13 @@ def test_sampling_balances_presets():
             pool.labels.append(np.zeros((64, 64), np.uint8))
             pool.spots.append(np.zeros((0, 2)))
             pool.groups[-1].append(len(pool.images) - 1)
-    params = TrainParams(crop=64, batch_size=400)
+    params = TrainParams(crop=64, batch_size=400, sim_fraction=1.0)
     x, _ = sample_batch(pool, params, np.random.default_rng(0))
     share = float((x[:, 0, 0, 0] == 0).float().mean())
     assert 0.4 < share < 0.6
-    x, _ = sample_batch(pool, TrainParams(crop=64, batch_size=400, balance_detectors=False), np.random.default_rng(0))
+    x, _ = sample_batch(
+        pool, TrainParams(crop=64, batch_size=400, balance_detectors=False, sim_fraction=1.0), np.random.default_rng(0)
+    )
     assert float((x[:, 0, 0, 0] == 0).float().mean()) < 0.1
 
 
@@ -62,3 +66,37 @@ def test_focal_loss_prefers_correct_predictions():
     good = torch.tensor([[[[5.0, -5.0]], [[-5.0, 5.0]]]])
     bad = -good
     assert focal_loss(good, target, gamma=2.0, pos_weight=4.0) < 1e-3 < focal_loss(bad, target, gamma=2.0, pos_weight=4.0)
+
+
+def test_batches_mix_simulator_and_broad_domain_reproducibly():
+    """A sim_fraction share of crops comes from the pool, the rest from fresh augment panels; the
+    batch of a step depends only on (seed, step), which is what makes resuming exact."""
+    pool = PanelPool(groups=[[0]])
+    pool.images.append(np.full((64, 64), 7.0, np.float16))
+    pool.labels.append(np.zeros((64, 64), np.uint8))
+    pool.spots.append(np.zeros((0, 2)))
+    params = TrainParams(crop=64, batch_size=64, sim_fraction=0.25)
+    x, y = sample_batch(pool, params, np.random.default_rng([0, 5]))
+    from_pool = (x[:, 0] == 7.0).flatten(1).all(1)
+    assert 5 < int(from_pool.sum()) < 30
+    assert float(x[~from_pool].abs().amax()) > 0  # broad-domain crops are real data
+    x2, y2 = sample_batch(pool, params, np.random.default_rng([0, 5]))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_planted_last_pt_is_not_unpickled(tmp_path: Path):
+    """``last.pt`` is loaded with weights_only=True: a pickle that would run code is refused."""
+    import pickle
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    with open(out / "last.pt", "wb") as f:
+        pickle.dump({"params": Boom()}, f)
+    with pytest.raises(Exception):
+        train(TrainParams(steps=2, **TINY), out, device="cpu", progress=False)
+    assert not (tmp_path / "pwned").exists()

@@ -65,6 +65,7 @@ class PeakNetProcessorParams:
     photon_energy_ev: float | None = None
     ring_size: int = 256
     per_event_norm: bool = False
+    norm: str = "auto"
     peakfinder8: str | dict[str, Any] | None = None
 
     RUNTIME_KEYS = ("min_peaks", "forward_images", "centroid", "batch_timeout_ms")
@@ -94,6 +95,7 @@ class PeakNetProcessorParams:
             fix(self, "photon_energy_ev", _as_float("photon_energy_ev", self.photon_energy_ev, 0.0))
         fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
+        fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
             raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
 
@@ -241,6 +243,7 @@ class PeakNetImageProcessor(AdImageProcessor):
             centroid=p.centroid,
             max_peaks=p.max_peaks,
             per_event_norm=p.per_event_norm,
+            norm=p.norm,
             peakfinder8=p.peakfinder8,
         )
         self.pipeline = self.finder.pipeline
