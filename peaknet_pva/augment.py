@@ -17,10 +17,11 @@ that nothing but spot *shape against local noise* is a reliable cue:
   hot / warm pixels or none; zeroed masked rectangles and panel-gap strips, declared in a mask
   (as a user's bad-pixel map) or not.
 
-Labels follow the simulator's rule so both sources agree: the pixels where a *detectable* spot's
-noiseless profile is at least ``label_fraction`` of its peak pixel, with
-``snr = peak / sqrt(background + read_noise² + 1) >= detect_snr`` (photons), never on a
-masked, hot or zeroed pixel. Everything is a pure function of ``numpy.random.Generator``, so a
+Labels: the pixels where a *detectable* spot's noiseless profile is at least ``label_fraction`` of
+its peak pixel, never on a masked, hot or zeroed pixel. A spot is detectable when either its peak
+pixel (the simulator's rule, ``peak / sqrt(background + read_noise² + 1)``) or its whole label
+region (``S / sqrt(S + B + n·read_noise² + 1)``, photons summed over the ``n`` label pixels: what
+an integrating finder sees, and what matters for wide spots) reaches ``detect_snr``. Everything is a pure function of ``numpy.random.Generator``, so a
 training step's batch depends only on ``(seed, step)``: runs are reproducible and resumable.
 """
 
@@ -178,7 +179,13 @@ def _spots(
     photons = snr * noise / peak_prof
     vals = prof * photons[:, None, None] * inside
     np.add.at(img.reshape(-1), flat[inside], vals[inside])
-    return img, y, x, photons * peak_prof, snr, flat.reshape(n, -1), vals.reshape(n, -1)
+    # Integrated SNR over the label region (profile >= label_fraction x peak).
+    region = (prof >= p.label_fraction * peak_prof[:, None, None]) & inside
+    s_reg = (vals * region).reshape(n, -1).sum(1)
+    b_reg = (bg.reshape(-1)[flat] * region).reshape(n, -1).sum(1)
+    n_reg = region.reshape(n, -1).sum(1)
+    snr_reg = s_reg / np.sqrt(s_reg + b_reg + n_reg * read_noise**2 + 1.0)
+    return img, y, x, photons * peak_prof, np.maximum(snr, snr_reg), flat.reshape(n, -1), vals.reshape(n, -1)
 
 
 def _bad_regions(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

@@ -318,7 +318,7 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
         stream, batch_size=None, num_workers=params.workers, prefetch_factor=4 if params.workers else None
     )
     model.train()
-    t0 = time.time()
+    t0, start = time.time(), step
     with tqdm(total=params.steps, initial=step, desc="training", disable=not progress) as bar:
         for x, y in loader:
             logits = model(x.to(dev))
@@ -331,6 +331,8 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % 100 == 0:
+                log.info("step %d loss %.5f (%.2f s/step)", step, loss.item(), (time.time() - t0) / max(1, step - start))
             if step % params.eval_every == 0 or step == params.steps:
                 broad = evaluate_items(model, val_broad)
                 sim = evaluate_items(model, val_sim)
