@@ -237,3 +237,135 @@ def test_wrapped_models_are_unwrapped(tmp_path, source):
     loaded = load_checkpoint(path, target)  # type: ignore[arg-type]
     assert loaded is target.module
     torch.testing.assert_close(outputs(loaded), expected, rtol=0, atol=0)
+
+
+# -- files written by upstream PeakNet ----------------------------------------------------------
+UPSTREAM_CFG = PRESETS["peaknet-atto-s"].replace(bifpn_num_blocks=2, uses_learned_upsample=True)
+
+
+@pytest.fixture(scope="module")
+def upstream_file() -> tuple[dict, torch.Tensor]:
+    """A state dict named, shaped and typed as upstream writes it (bool w_q_mask), and the
+    independent reference logits for it (upstream's head and BiFPN written out in upstream_ref)."""
+    from upstream_ref import reference_head, seeded_state_dict, upstream_layout
+
+    c = UPSTREAM_CFG
+    layout = upstream_layout(
+        c.backbone_dims, c.backbone_depths, bifpn_num_blocks=c.bifpn_num_blocks,
+        bifpn_num_features=c.bifpn_num_features, seg_out_channels=c.seg_out_channels,
+        uses_learned_upsample=True,
+    )  # fmt: skip
+    sd = seeded_state_dict(layout, seed=7)
+    backbone = PeakNet(c).backbone.eval()  # HF-identical backbone: only its weights are needed
+    backbone.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")})
+    with torch.no_grad():
+        ref = reference_head(sd, backbone.forward_intermediates(X))
+    return sd, ref
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("given_model", [False, True], ids=["inferred", "given"])
+def test_upstream_state_dict_gives_upstream_logits(tmp_path, upstream_file, layout, given_model):
+    sd, ref = upstream_file
+    path = tmp_path / "peaknet-upstream.bin"
+    torch.save(LAYOUTS[layout](sd), path)
+    loaded = load_checkpoint(path, create_model(UPSTREAM_CFG) if given_model else None)
+    assert loaded.config == UPSTREAM_CFG
+    assert loaded.bifpn.blocks[0].w_q_mask.tolist()[-1] == [False, True, True]
+    assert (outputs(loaded) - ref).abs().max() <= 1e-5
+
+
+def test_upstream_training_directory(tmp_path, upstream_file):
+    sd, ref = upstream_file
+    (tmp_path / "ckpt").mkdir()
+    torch.save({k: v.clone() for k, v in sd.items()}, tmp_path / "ckpt" / MODEL_STATE_DICT_FILE)
+    assert (outputs(load_checkpoint(tmp_path / "ckpt")) - ref).abs().max() <= 1e-5
+
+
+def test_float_mask_loads_like_bool(tmp_path, upstream_file):
+    sd, ref = upstream_file
+    as_float = {k: v.float() if k.endswith("w_q_mask") else v for k, v in sd.items()}
+    torch.save(as_float, tmp_path / "f.bin")
+    loaded = load_checkpoint(tmp_path / "f.bin")
+    assert loaded.bifpn.blocks[1].w_q_mask.dtype == torch.bool
+    assert (outputs(loaded) - ref).abs().max() <= 1e-5
+
+
+def test_stored_mask_wins_over_default(tmp_path, upstream_file):
+    """A file trained with another mask (this project's old default) keeps it."""
+    sd, _ = upstream_file
+    old = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    torch.save({**sd, "bifpn.blocks.0.w_q_mask": old}, tmp_path / "old.bin")
+    loaded = load_checkpoint(tmp_path / "old.bin")
+    assert loaded.bifpn.blocks[0].w_q_mask.tolist() == old.bool().tolist()
+    assert loaded.bifpn.blocks[1].w_q_mask.tolist()[-1] == [False, True, True]
+
+
+@pytest.mark.parametrize("bad", [torch.full((3, 3), 0.5), torch.full((3, 3), 2, dtype=torch.int64)])
+def test_non_binary_mask_is_refused(tmp_path, upstream_file, bad):
+    sd, _ = upstream_file
+    torch.save({**sd, "bifpn.blocks.1.w_q_mask": bad}, tmp_path / "bad.bin")
+    with pytest.raises(CheckpointError, match=r"bifpn\.blocks\.1\.w_q_mask must be a bool"):
+        load_checkpoint(tmp_path / "bad.bin")
+
+
+def test_default_weights_keep_their_stored_mask():
+    from peaknet_pva.finder import default_weights_path
+
+    raw = torch.load(default_weights_path(), weights_only=True)["model_state_dict"]
+    model = load_checkpoint(default_weights_path())
+    for key, value in raw.items():
+        if key.endswith("w_q_mask"):
+            assert model.get_buffer(key).tolist() == value.bool().tolist(), key
+
+
+# -- superseded head layouts: refused by name -------------------------------------------------------
+def _legacy(sd: dict, layout: str) -> dict:
+    """``sd`` (a current learned-upsample file) with its head rewritten to an older layout."""
+    out = {k: v for k, v in sd.items() if not k.startswith("head_upsample_layer.")}
+    convt_w, convt_b = torch.zeros(2, 2, 6, 6), torch.zeros(2)
+    if layout == "bare":  # upstream before 03513c0
+        out |= {"head_upsample_layer.weight": convt_w, "head_upsample_layer.bias": convt_b}
+    elif layout == "final_conv":  # upstream 03513c0..addd7f6, learned upsample on
+        out |= {
+            "head_upsample_layer.0.weight": convt_w, "head_upsample_layer.0.bias": convt_b,
+            "head_upsample_layer.1.weight": torch.ones(2), "head_upsample_layer.1.bias": convt_b,
+            "final_conv.weight": torch.zeros(2, 2, 3, 3), "final_conv.bias": convt_b,
+        }  # fmt: skip
+    elif layout == "final_conv_only":  # upstream 03513c0..addd7f6, bilinear only
+        out |= {"final_conv.weight": torch.zeros(2, 2, 3, 3), "final_conv.bias": convt_b}
+    elif layout == "logits_convt":  # peaknet-pva's own earlier layout
+        out |= {"head_upsample_layer.0.weight": convt_w, "head_upsample_layer.0.bias": convt_b}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("layout", "named"),
+    [
+        ("bare", r"bare 'head_upsample_layer.\{weight,bias\}'.*before commit 03513c0"),
+        ("final_conv", r"GroupNorm \+ GELU.*'final_conv'.*03513c0\.\.addd7f6"),
+        ("final_conv_only", r"'final_conv'.*03513c0\.\.addd7f6"),
+        ("logits_convt", r"on the logits.*peaknet-pva before"),
+    ],
+)
+@pytest.mark.parametrize("given_model", [False, True], ids=["inferred", "given"])
+def test_legacy_head_layouts_fail_naming_layout(tmp_path, upstream_file, layout, named, given_model):
+    sd, _ = upstream_file
+    path = tmp_path / "legacy.bin"
+    torch.save({"model_state_dict": _legacy(sd, layout)}, path)
+    target = create_model(UPSTREAM_CFG) if given_model else None
+    with pytest.raises(CheckpointError, match=named) as info:
+        load_checkpoint(path, target)
+    assert "legacy.bin" in str(info.value) and "docs/CHECKPOINTS.md" in str(info.value)
+    with pytest.raises(CheckpointError, match=named):
+        infer_config(_legacy(sd, layout))
+
+
+def test_current_layouts_are_not_legacy(upstream_file):
+    from peaknet_pva.model.checkpoint import legacy_head_layout
+
+    sd, _ = upstream_file
+    assert legacy_head_layout(sd) is None
+    for preset in ("peaknet-673m", "peaknet-tiny", "peaknet-atto-s"):
+        with torch.device("meta"):
+            assert legacy_head_layout(create_model(preset).state_dict()) is None

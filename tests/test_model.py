@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -21,8 +22,17 @@ from peaknet_pva.model import (
 from peaknet_pva.model.bifpn import BiFPNBlock
 from peaknet_pva.model.convnextv2 import ConvNeXtV2Backbone
 from peaknet_pva.model.presets import CONVNEXTV2_SIZES
+from upstream_ref import (  # noqa: I001  (tests/ is on sys.path under pytest)
+    parse_layout,
+    reference_head,
+    seeded_state_dict,
+    upstream_layout,
+    upstream_w_q_mask,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
+#: The small learned-upsample architecture of the golden files (tests/golden/regenerate.py).
+SMALL_LU = PRESETS["peaknet-atto-s"].replace(bifpn_num_blocks=2, uses_learned_upsample=True)
 
 
 def meta_model(name: str, **overrides) -> PeakNet:
@@ -44,7 +54,11 @@ def atto_s() -> PeakNet:
 def test_peaknet_673m_has_673m_parameters():
     model = meta_model("peaknet-673m")
     assert n_params(model) == pytest.approx(673.0e6, abs=0.1e6)
-    assert n_params(model) == 672_994_192  # exact, for the record (backbone 657_466_304)
+    assert n_params(model) == 673_012_480  # exact, for the record (backbone 657_466_304)
+    upstream = sum(
+        math.prod(shape) for _, shape, dtype in layout_of(PRESETS["peaknet-673m"]) if dtype != "bool"
+    )
+    assert n_params(model) == upstream
 
 
 def test_peaknet_atto_s_is_small():
@@ -65,26 +79,114 @@ def test_convnextv2_backbones_match_paper_sizes(size):
     assert total / 1e6 == pytest.approx(paper[size], abs=0.06)
 
 
-@pytest.mark.parametrize(
-    ("preset", "golden"),
-    [("peaknet-tiny", "peaknet_tiny_keys.txt"), ("peaknet-673m", "peaknet_673m_keys.txt")],
-)
-def test_state_dict_keys_match_golden(preset, golden):
-    expected = (GOLDEN / golden).read_text().split()
-    assert sorted(meta_model(preset).state_dict()) == expected
+#: Golden state-dict layout file -> architecture (see tests/golden/README.md).
+LAYOUT_GOLDENS = {
+    "peaknet_tiny_state_dict.txt": PRESETS["peaknet-tiny"],
+    "peaknet_673m_state_dict.txt": PRESETS["peaknet-673m"],
+    "peaknet_small_lu_state_dict.txt": SMALL_LU,
+}
 
 
-def test_w_q_mask_is_persistent_and_masks_duplicated_top_input():
+def layout_of(config: PeakNetConfig) -> list[tuple[str, tuple[int, ...], str]]:
+    return upstream_layout(
+        config.backbone_dims,
+        config.backbone_depths,
+        in_chans=config.in_chans,
+        bifpn_num_blocks=config.bifpn_num_blocks,
+        bifpn_num_features=config.bifpn_num_features,
+        seg_out_channels=config.seg_out_channels,
+        num_classes=config.num_classes,
+        uses_learned_upsample=config.uses_learned_upsample,
+    )
+
+
+def model_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    return sorted(
+        (k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in model.state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("golden", list(LAYOUT_GOLDENS))
+def test_golden_layout_files_are_the_upstream_layout(golden):
+    """The golden files are exactly what the independent upstream description gives."""
+    text = (GOLDEN / golden).read_text()
+    assert parse_layout(text) == layout_of(LAYOUT_GOLDENS[golden])
+
+
+@pytest.mark.parametrize("golden", list(LAYOUT_GOLDENS))
+def test_state_dict_keys_shapes_dtypes_match_golden(golden):
+    expected = parse_layout((GOLDEN / golden).read_text())
+    with torch.device("meta"):
+        model = PeakNet(LAYOUT_GOLDENS[golden])
+    assert model_layout(model) == expected
+
+
+def test_673m_head_is_upstreams():
+    """``peaknet-673m.bin`` stores the learned upsample as (seg 256 -> 2 classes), k6."""
+    layout = {k: shape for k, shape, _ in layout_of(PRESETS["peaknet-673m"])}
+    assert len(layout) == 532
+    assert layout["head_upsample_layer.0.weight"] == (256, 2, 6, 6)
+    assert layout["head_upsample_layer.0.bias"] == (2,)
+    convt = meta_model("peaknet-673m").head_upsample_layer[0]
+    assert (convt.in_channels, convt.out_channels) == (256, 2)
+    assert (convt.kernel_size, convt.stride, convt.padding) == ((6, 6), (4, 4), (1, 1))
+
+
+def test_w_q_mask_is_upstreams_default_and_masks_top_p_low():
     block = BiFPNBlock(8)
     assert "w_q_mask" in block.state_dict()
-    assert block.w_q_mask.tolist() == [[1, 1, 1], [1, 1, 1], [1, 0, 1]]
+    assert block.w_q_mask.dtype == torch.bool
+    assert block.w_q_mask.tolist() == [[True] * 3, [True] * 3, [False, True, True]]
+    assert torch.equal(block.w_q_mask, upstream_w_q_mask())
     torch.manual_seed(0)
     x = [torch.randn(1, 8, 16 // 2**k, 16 // 2**k) for k in range(4)]
     ref = block(x)
     with torch.no_grad():
-        block.w_q[-1, 1] = 123.0  # weight of m_top, which does not exist: must have no effect
+        block.w_q[-1, 0] = 123.0  # weight of the top node's p_low, masked upstream: no effect
     for a, b in zip(ref, block(x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        block.w_q[-1, 1] = 123.0  # ... while m_low (= p_top) counts
+    assert not torch.equal(ref[-1], block(x)[-1])
+
+
+# -- numerics against upstream ------------------------------------------------------------------
+def _seeded_small_lu() -> tuple[PeakNet, dict, torch.Tensor]:
+    golden = json.loads((GOLDEN / "peaknet_small_lu_logits.json").read_text())
+    config = PeakNetConfig.from_dict(golden["config"])
+    sd = seeded_state_dict(layout_of(config), golden["param_seed"])
+    model = PeakNet(config).eval()
+    model.load_state_dict(sd, strict=True)
+    gen = torch.Generator().manual_seed(golden["input_seed"])
+    return model, sd, torch.randn(*golden["input_shape"], generator=gen)
+
+
+def test_logits_match_the_independent_upstream_reference():
+    """Upstream-shaped weights: our logits are within 1e-5 of the written-out upstream forward."""
+    model, sd, x = _seeded_small_lu()
+    with torch.no_grad():
+        ours = model(x)
+        ref = reference_head(sd, model.backbone.forward_intermediates(x))
+    assert ours.shape == ref.shape == (1, 2, 64, 96)
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_logits_match_numeric_golden():
+    """A drift in layer order, eps or init-independent numerics shows up here."""
+    golden = json.loads((GOLDEN / "peaknet_small_lu_logits.json").read_text())
+    assert golden["config"] == {
+        k: v for k, v in SMALL_LU.to_dict().items() if k in golden["config"]
+    }
+    model, _, x = _seeded_small_lu()
+    with torch.no_grad():
+        y = model(x).double()
+    tol = golden["tolerance"]
+    got = torch.tensor([float(y[tuple(p)]) for p in golden["points"]], dtype=torch.float64)
+    want = torch.tensor(golden["values"], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=tol["values"], atol=tol["values"])
+    assert abs(float(y.sum()) - golden["sum"]) <= tol["sum"]
+    assert abs(float(y.square().sum()) - golden["sum_sq"]) <= tol["sum_sq"]
 
 
 def test_bifpn_negative_weights_are_relud():

@@ -12,11 +12,15 @@ PeakNet's variant (carbonscott/peaknet, ``peaknet/modeling/bifpn.py``):
 * every fusion node is a *kernel-1* depthwise-separable conv (bias-free) → channels-first
   LayerNorm (eps 1e-6) → GELU, and the node's same-level input is added back as a skip;
 * resampling is bilinear x2 / x0.5 computed in float32 (bf16 interpolation loses peaks);
-* ``w_q_mask`` (a persistent buffer) zeroes the weight of the duplicated input at the top level,
-  where the top-down path has no node of its own (m_top would be p_top again).
+* ``w_q_mask`` (a persistent bool buffer, upstream since commit dfbc832) drops one of the two
+  identical inputs of the top bottom-up node: the top level has no top-down node, so its
+  "m_low" is p_top itself. Upstream masks ``[-1, 0]`` (the p_low term) and keeps ``[-1, 1]``;
+  which of the two is kept changes the output (the weights differ), so the default must be
+  upstream's. A mask stored in a checkpoint (bool, or 0/1 floats as older files of this project
+  have) always wins over the default.
 
 Parameter names match PeakNet checkpoints: ``blocks.{b}.conv.{m4,m5,m6,q5,q6,q7}.{0,1}``,
-``blocks.{b}.w_m`` (L-1, 2), ``blocks.{b}.w_q`` (L-1, 3), buffer ``blocks.{b}.w_q_mask`` (L-1, 3).
+``blocks.{b}.w_m`` (L-1, 2), ``blocks.{b}.w_q`` (L-1, 3), bool buffer ``blocks.{b}.w_q_mask`` (L-1, 3).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 
 from .convnextv2 import LayerNorm2d
 
-__all__ = ["BiFPN", "BiFPNBlock", "DepthwiseSeparableConv2d"]
+__all__ = ["BiFPN", "BiFPNBlock", "DepthwiseSeparableConv2d", "default_w_q_mask"]
 
 #: BiFPN LayerNorm epsilon (PeakNet's ``BiFPNLayerNorm`` default).
 BIFPN_LN_EPS = 1e-6
@@ -64,6 +68,13 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise_conv(self.depthwise_conv(x))
+
+
+def default_w_q_mask(num_levels: int) -> torch.Tensor:
+    """Upstream's ``w_q_mask``: all True except ``[-1, 0]`` (the top node's duplicated p_low)."""
+    mask = torch.ones(num_levels - 1, 3, dtype=torch.bool)
+    mask[-1, 0] = False
+    return mask
 
 
 def _fusion_node(num_features: int) -> nn.Sequential:
@@ -111,9 +122,7 @@ class BiFPNBlock(nn.Module):
         n = num_levels - 1
         self.w_m = nn.Parameter(torch.ones(n, 2))  # (p_high, m_low_up) per top-down node
         self.w_q = nn.Parameter(torch.ones(n, 3))  # (p_low, m_low, q_high_down) per bottom-up node
-        mask = torch.ones(n, 3)
-        mask[-1, 1] = 0.0  # the top level has no top-down node: m_low would duplicate p_low
-        self.register_buffer("w_q_mask", mask, persistent=True)
+        self.register_buffer("w_q_mask", default_w_q_mask(num_levels), persistent=True)
 
     def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         lo, hi, eps = self.min_level, self.max_level, self.fusion_eps

@@ -12,7 +12,12 @@ read with ``torch.load(weights_only=True)``: no pickled code runs. The architect
 order, the ``model`` argument, the ``config`` argument, the embedded config, or
 :func:`infer_config` on the tensor shapes. The state dict must then match exactly
 (``strict=True``); the only tolerated gap is the BiFPN ``w_q_mask`` buffer, a constant that
-older checkpoints do not store.
+older checkpoints do not store (filled with upstream's default). A stored mask may be bool
+(upstream) or 0/1 floats (older files of this project); anything else is refused.
+
+Heads from older upstream commits (see docs/CHECKPOINTS.md) are recognised and refused with an
+error naming the layout and its commit range: their forward differs from today's head, and no
+exact mapping exists, so loading them "mostly" would give silently different peaks.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
     "MODEL_STATE_DICT_FILE",
     "clean_state_dict",
     "infer_config",
+    "legacy_head_layout",
     "load_checkpoint",
     "load_state_dict_file",
     "save_checkpoint",
@@ -50,6 +56,22 @@ _PREFIXES = ("module.", "_orig_mod.")
 _OPTIONAL_SUFFIXES = (".w_q_mask",)
 #: At most this many keys are spelled out per category in error messages.
 _MAX_LISTED = 25
+#: Why each superseded head layout cannot be mapped onto the current one.
+_LEGACY_HEADS = {
+    "bare": (
+        "bare 'head_upsample_layer.{weight,bias}' ConvTranspose2d (num_classes -> num_classes) "
+        "that replaces the bilinear x4 upsample, from upstream carbonscott/peaknet before commit "
+        "03513c0"
+    ),
+    "final_conv": (
+        "ConvTranspose2d + GroupNorm + GELU learned upsample and/or 'final_conv' 3x3 refinement, "
+        "from upstream carbonscott/peaknet commits 03513c0..addd7f6"
+    ),
+    "logits_convt": (
+        "'head_upsample_layer.0' ConvTranspose2d on the logits (num_classes -> num_classes), "
+        "written by peaknet-pva before its head followed upstream (no upstream commit has it)"
+    ),
+}
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,6 +148,55 @@ def _count_indices(keys: list[str], pattern: str) -> int:
     return len(found)
 
 
+def legacy_head_layout(state_dict: Mapping[str, Any]) -> str | None:
+    """Name of the superseded head layout ``state_dict`` has (a key of ``_LEGACY_HEADS``), or None.
+
+    Only the head changed between these upstream layouts, so keys and shapes identify them:
+    today's learned upsample is ``head_upsample_layer.0.weight`` of shape (seg, classes, 6, 6).
+    """
+    keys = set(state_dict)
+    if keys & {"head_upsample_layer.weight", "head_upsample_layer.bias"}:
+        return "bare"
+    if any(k.startswith(("final_conv.", "head_upsample_layer.1.")) for k in keys):
+        return "final_conv"
+    convt = state_dict.get("head_upsample_layer.0.weight")
+    head = state_dict.get("head_segmask.weight")
+    if isinstance(convt, torch.Tensor) and isinstance(head, torch.Tensor) and convt.ndim == 4:
+        num_classes, seg_out = int(head.shape[0]), int(head.shape[1])
+        if convt.shape[0] == num_classes != seg_out:
+            return "logits_convt"
+    return None
+
+
+def _refuse_legacy_head(state_dict: Mapping[str, Any], source: str) -> None:
+    layout = legacy_head_layout(state_dict)
+    if layout is None:
+        return
+    found = sorted(k for k in state_dict if k.startswith(("head_upsample_layer", "final_conv")))
+    raise CheckpointError(
+        f"checkpoint {source} has a superseded PeakNet head layout: {_LEGACY_HEADS[layout]} "
+        f"(keys {_fmt_keys(found)}). Its forward differs from the current head (bilinear x4 of "
+        "the logits + ConvTranspose2d(seg_out_channels -> num_classes) on the seg features) and "
+        "has no exact mapping onto it; load it with the upstream code of that commit range, or "
+        "retrain/fine-tune the head. See docs/CHECKPOINTS.md."
+    )
+
+
+def _check_masks(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Stored ``w_q_mask`` buffers must be bool or hold only 0/1 (they are loaded as bool)."""
+    for key, value in state.items():
+        if not key.endswith(_OPTIONAL_SUFFIXES) or value.dtype == torch.bool or value.is_meta:
+            continue
+        if not value.is_complex():
+            v = value.detach().to("cpu", torch.float64)
+            if bool(((v == 0) | (v == 1)).all()):
+                continue
+        raise CheckpointError(
+            f"checkpoint {source}: {key} must be a bool (or 0/1) mask, got {value.dtype} "
+            f"{value.tolist()}"
+        )
+
+
 def infer_config(state_dict: Mapping[str, Any]) -> PeakNetConfig:
     """Infer the PeakNet architecture from tensor shapes and key counts of a state dict.
 
@@ -133,9 +204,11 @@ def infer_config(state_dict: Mapping[str, Any]) -> PeakNetConfig:
     ``layers.{j}`` per stage, the BiFPN size from ``bifpn.blocks`` and its pointwise convs, the seg
     head from ``head_segmask``, and the learned upsample from ``head_upsample_layer.0``.
     GroupNorm's group count is not stored in a state dict: the default (32) is assumed, or the
-    largest divisor of the seg channels below it.
+    largest divisor of the seg channels below it. A superseded head layout raises
+    ``CheckpointError`` naming it.
     """
     sd = clean_state_dict(state_dict)
+    _refuse_legacy_head(sd, "state dict")
     keys = list(sd)
 
     def shape(key: str) -> tuple[int, ...]:
@@ -191,11 +264,13 @@ def _check_compatible(
             filled.append(key)
     if filled:
         logger.info(
-            "checkpoint %s: %d constant buffer(s) filled from the model (%s, ...)",
+            "checkpoint %s: %d w_q_mask buffer(s) not stored, filled from the model "
+            "(upstream default: top node's p_low masked) (%s, ...)",
             source,
             len(filled),
             filled[0],
         )
+    _check_masks(state, source)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(
@@ -235,11 +310,13 @@ def load_checkpoint(
         The model with every parameter and buffer taken from the checkpoint (``w_q_mask`` aside).
 
     Raises:
-        CheckpointError: missing/unreadable path (named), not a state dict, or missing /
-            unexpected / mis-shaped keys (listed).
+        CheckpointError: missing/unreadable path (named), not a state dict, a superseded head
+            layout (named, with its upstream commit range), a ``w_q_mask`` that is not 0/1, or
+            missing / unexpected / mis-shaped keys (listed).
     """
     state, embedded = load_state_dict_file(path, map_location=map_location)
     source = repr(str(path))
+    _refuse_legacy_head(state, source)
     built_here = model is None
     if model is None:
         if config is None and embedded is not None:
@@ -258,6 +335,14 @@ def load_checkpoint(
         )
     state = _check_compatible(model, state, source)
     model.load_state_dict(state, strict=True)
+    norm = embedded.get("norm") if isinstance(embedded, dict) else None
+    if norm is not None and norm != model.config.norm:
+        # The input normalisation is part of what the weights mean: the file's own wins.
+        try:
+            model.config = model.config.replace(norm=norm)
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {source} has an invalid norm: {exc}") from exc
+        logger.info("checkpoint %s: input normalisation %r (from the file)", source, norm)
     if built_here and isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     n = sum(t.numel() for t in state.values())

@@ -13,6 +13,12 @@ HF ``ConvNextV2Backbone``). Parameter names here match its state dicts so publis
 ``bifpn.blocks.{b}.*``, ``seg_lateral_layers.{i}.layers.{k}.{0: conv3x3, 1: GroupNorm}``,
 ``head_segmask`` (1x1 conv), optional ``head_upsample_layer.0`` (ConvTranspose2d k6 s4 p1).
 
+Head (upstream HEAD, unchanged since a3ec64a): ``logits = head_segmask(acc)`` on the summed stride-4
+seg features ``acc``; output = bilinear x4 of ``logits`` [+ ``head_upsample_layer(acc)``, a
+``seg_out_channels -> num_classes`` transposed conv, with ``uses_learned_upsample``]. Older
+upstream heads (a bare logits->logits ConvT, or ConvT + GroupNorm + GELU + ``final_conv``) are
+refused by name in ``checkpoint.py``; docs/CHECKPOINTS.md lists the layouts per commit range.
+
 Data contract: input ``(N, in_chans, H, W)`` float, H and W multiples of 32 (the stride of the
 coarsest stage); output logits ``(N, num_classes, H, W)`` in the input's dtype (autocast aside).
 """
@@ -84,7 +90,8 @@ class PeakNetConfig:
         seg_out_channels: channels of the segmentation lateral layers.
         seg_num_groups: GroupNorm groups in the lateral layers (must divide seg_out_channels).
         num_classes: output classes (2: background, peak).
-        uses_learned_upsample: add a learned ConvTranspose2d x4 upsample to the bilinear one.
+        uses_learned_upsample: add a learned x4 upsample of the seg features (ConvTranspose2d
+            ``seg_out_channels -> num_classes``) to the bilinear x4 of the logits.
     """
 
     backbone_dims: tuple[int, ...] = (96, 192, 384, 768)
@@ -281,11 +288,12 @@ class PeakNet(nn.Module):
         self.head_segmask = nn.Conv2d(c.seg_out_channels, c.num_classes, kernel_size=1)
         self.upsample_factor = LEVEL_STRIDES[0]
         if c.uses_learned_upsample:
+            # Upstream layout: features (not logits) in, classes out; weight (seg, classes, 6, 6).
             # (H/4 - 1) * 4 - 2 * 1 + 6 = H: an exact x4 with a 1-px overlap on each side.
             f = self.upsample_factor
             self.head_upsample_layer = nn.Sequential(
                 nn.ConvTranspose2d(
-                    c.num_classes, c.num_classes, kernel_size=f + 2, stride=f, padding=1
+                    c.seg_out_channels, c.num_classes, kernel_size=f + 2, stride=f, padding=1
                 )
             )
         else:
@@ -374,7 +382,7 @@ class PeakNet(nn.Module):
         logits = self.head_segmask(acc)
         out = _upsample(logits, self.upsample_factor)
         if self.head_upsample_layer is not None:
-            out = out + self.head_upsample_layer(logits)
+            out = out + self.head_upsample_layer(acc)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
