@@ -49,6 +49,8 @@ LEVEL_STRIDES = (4, 8, 16, 32)
 SIZE_MULTIPLE = 32
 #: Each lateral layer upsamples by this factor (PeakNet ``seg_head.base_scale_factor``).
 BASE_SCALE_FACTOR = 2
+#: Input normalisations a checkpoint can declare (``PeakNetConfig.norm``); see ``preprocess``.
+NORMS = ("instance", "robust")
 
 
 def _as_int(name: str, value: Any, *, minimum: int) -> int:
@@ -92,6 +94,10 @@ class PeakNetConfig:
         num_classes: output classes (2: background, peak).
         uses_learned_upsample: add a learned x4 upsample of the seg features (ConvTranspose2d
             ``seg_out_channels -> num_classes``) to the bilinear x4 of the logits.
+        norm: input normalisation the weights were trained with (not an architecture change, but
+            part of what the weights mean): ``"instance"`` (mean/std per panel, as published
+            PeakNet checkpoints were trained) or ``"robust"`` (median / MAD of nonzero deviations,
+            masked and non-finite pixels excluded, outliers clipped; see ``preprocess``).
     """
 
     backbone_dims: tuple[int, ...] = (96, 192, 384, 768)
@@ -105,6 +111,7 @@ class PeakNetConfig:
     seg_num_groups: int = 32
     num_classes: int = 2
     uses_learned_upsample: bool = False
+    norm: str = "instance"
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -145,6 +152,8 @@ class PeakNetConfig:
                 f"PeakNetConfig.seg_num_groups: {self.seg_num_groups} does not divide "
                 f"seg_out_channels={self.seg_out_channels}"
             )
+        if self.norm not in NORMS:
+            raise ConfigError(f"PeakNetConfig.norm: expected one of {list(NORMS)}, got {self.norm!r}")
         if not isinstance(self.uses_learned_upsample, bool):
             raise ConfigError(
                 "PeakNetConfig.uses_learned_upsample: expected true/false, "
