@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import ConfigError, FrameError, PeakNetPvaError
 from .frames import PeakTable, check_dtype
-from .geometry import DetectorGeometry, panel_to_slab
+from .geometry import DetectorGeometry, panel_to_slab, tiles_to_slab
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,10 @@ class CxiWriter:
     after the highest existing chunk (``.cxi`` or a stale ``.cxi.inprogress``) for that prefix and
     consumer, so nothing is ever overwritten. Frames in one file share shape and dtype: a frame
     that differs closes the current chunk first. ``geometry`` (default: :meth:`DetectorGeometry.stacked`
-    for the frame's panels) maps panel-local peaks to slab coordinates; it must describe the
-    ``(P*H, W)`` stacked slab the file stores. ``compression``: ``None`` or ``"gzip"`` (built into
+    for the frame's panels) maps panel-local peaks to slab coordinates; its slab must be the
+    ``(P*H, W)`` slab the file stores. Its panels may be any rectangles of that slab (ASICs, one
+    large module with gaps): peaks are then clamped to the geometry panel their pixel is on
+    (:func:`peaknet_pva.geometry.tiles_to_slab`). ``compression``: ``None`` or ``"gzip"`` (built into
     every HDF5, unlike plugin filters CrystFEL may lack).
 
     Example::
@@ -131,8 +133,6 @@ class CxiWriter:
             raise ConfigError(f"compression must be None or 'gzip' (no plugin filters), got {compression!r}")
         if not 0 <= int(compression_level) <= 9:
             raise ConfigError(f"compression_level must be 0..9, got {compression_level!r}")
-        if geometry is not None and geometry.panel_shape is None:
-            raise ConfigError("geometry panels differ in shape; CXI frames are a (P*H, W) stack of equal panels")
         self.output_dir = Path(output_dir)
         self.file_prefix = file_prefix
         self.consumer_id = int(consumer_id)
@@ -232,7 +232,7 @@ class CxiWriter:
 
         k = min(peaks.n, self.max_peaks)
         truncated = peaks.n - k
-        ss, fs = panel_to_slab(peaks.panel[:k], peaks.y[:k], peaks.x[:k], geometry)
+        ss, fs = tiles_to_slab(peaks.panel[:k], peaks.y[:k], peaks.x[:k], geometry, (height, width))
 
         closed: Path | None = None
         key = ((n_panels, height, width), dtype)
@@ -342,11 +342,10 @@ class CxiWriter:
     def _geometry_for(self, n_panels: int, height: int, width: int) -> DetectorGeometry:
         """The geometry used for slab coordinates of frames ``(n_panels, height, width)``."""
         if self.geometry is not None:
-            if self.geometry.n_panels != n_panels or not self.geometry.is_stacked_slab((height, width)):
+            if self.geometry.slab_shape != (n_panels * height, width):
                 raise FrameError(
-                    f"frame of shape {(n_panels, height, width)} does not match the geometry "
-                    f"({self.geometry.n_panels} panels of {self.geometry.panel_shape} stacked in a "
-                    f"{self.geometry.slab_shape} slab)"
+                    f"frame of shape {(n_panels, height, width)} (slab {n_panels * height} x {width}) does not "
+                    f"match the geometry's {self.geometry.slab_shape[0]} x {self.geometry.slab_shape[1]} slab"
                 )
             return self.geometry
         cached = self._slab_geometry
@@ -480,8 +479,9 @@ class CxiWriter:
         result.attrs["centroid"] = centroid
         result.attrs["panel_shape"] = np.array([height, width], np.int64)
         result.attrs["n_panels"] = n_panels
-        result.attrs["panel_min_ss"] = np.array([p.min_ss for p in geometry.panels], np.int64)
-        result.attrs["panel_min_fs"] = np.array([p.min_fs for p in geometry.panels], np.int64)
+        # peakSegPosRaw indexes the (P, H, W) tiles of the slab (the geometry's panels when stacked)
+        result.attrs["panel_min_ss"] = np.arange(n_panels, dtype=np.int64) * height
+        result.attrs["panel_min_fs"] = np.zeros(n_panels, np.int64)
         result.attrs["max_peaks"] = self.max_peaks
         result.attrs["coordinates"] = (
             "pixel centre at the integer; peakXPosRaw = fs, peakYPosRaw = ss in the slab, clamped to "

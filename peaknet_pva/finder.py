@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, FrameError
 from .frames import PeakTable, as_panel_stack
 from .pipeline import (
     FunctionBackend,
@@ -69,6 +69,19 @@ class FinderConfig:
     #: peakfinder8 backend only: a detector preset name (tuned parameters and its radius map, see
     #: ``peakfinder8.TUNED_PARAMS``) or a dict of ``Peakfinder8Params`` fields; None = defaults.
     peakfinder8: str | dict[str, Any] | None = field(default=None, hash=False)
+    #: a CrystFEL ``.geom`` path (or a ``DetectorGeometry``): the slab layout (tiles, see
+    #: ``geometry.tile_shape_for``), peakfinder8's radius map (pixel positions and beam centre)
+    #: and the bad pixels it declares (off-panel, ``bad_*`` regions, ``no_index``, ``mask_file``).
+    geometry: Any = field(default=None, hash=False)
+    #: a bad-pixel mask: ``.npy`` / HDF5 path (``FILE.h5:/dataset`` or ``mask_dataset``) or an
+    #: array, read with ``mask_convention``; slab ``(rows, cols)`` or ``(P, H, W)``.
+    mask: Any = field(default=None, hash=False)
+    #: "om" (nonzero = good, OM/Cheetah), "nonzero_bad" (pyFAI/NeXus, our truth.h5), "crystfel"
+    #: (bit flags with ``mask_good_bits``/``mask_bad_bits``, default: the geometry's mask_good/mask_bad).
+    mask_convention: str = "om"
+    mask_dataset: str | None = None
+    mask_good_bits: int | None = None
+    mask_bad_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,6 +102,14 @@ class FinderConfig:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32; got {self.dtype!r}")
+        from .geometry import MASK_CONVENTIONS, DetectorGeometry
+
+        if self.geometry is not None and not isinstance(self.geometry, (str, Path, DetectorGeometry)):
+            raise ConfigError(f"geometry must be a CrystFEL .geom path, got {self.geometry!r}")
+        if self.mask_convention not in MASK_CONVENTIONS:
+            raise ConfigError(f"mask_convention must be one of {MASK_CONVENTIONS}, got {self.mask_convention!r}")
+        if self.mask is not None and not isinstance(self.mask, (str, Path, np.ndarray)):
+            raise ConfigError(f"mask must be a .npy/HDF5 path or an array, got {type(self.mask).__name__}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,20 +135,97 @@ def build_model(weights: str, model: str | None = None) -> torch.nn.Module:
     return net.eval()
 
 
-def build_peakfinder8(spec: str | dict[str, Any] | None, device: torch.device) -> Any:
+def build_peakfinder8(
+    spec: str | dict[str, Any] | None,
+    device: torch.device,
+    *,
+    radius: np.ndarray | None = None,
+    bad_pixels: np.ndarray | None = None,
+) -> Any:
     """A ``Peakfinder8`` from a detector preset name (tuned parameters + that detector's radius
-    map), a dict of ``Peakfinder8Params`` fields, or None (defaults, radius from panel centres)."""
+    map), a dict of ``Peakfinder8Params`` fields, or None (defaults, radius from panel centres).
+
+    ``radius`` ``(P, H, W)`` (e.g. from a geometry) replaces the preset's radius map;
+    ``bad_pixels`` (True = bad) becomes peakfinder8's good-pixel mask."""
     from .peakfinder8 import Peakfinder8, Peakfinder8Params, tuned_params
 
+    mask = None if bad_pixels is None else ~np.asarray(bad_pixels, dtype=bool)
     if isinstance(spec, str):
-        from .simulate import get_detector
+        params = tuned_params(spec)
+        if radius is None:
+            from .simulate import get_detector
 
-        return Peakfinder8(tuned_params(spec), radius=get_detector(spec).radius_map(), device=device)
-    try:
-        params = Peakfinder8Params(**(spec or {}))
-    except TypeError as exc:
-        raise ConfigError(f"peakfinder8: {exc}") from None
-    return Peakfinder8(params, device=device)
+            radius = get_detector(spec).radius_map()
+    else:
+        try:
+            params = Peakfinder8Params(**(spec or {}))
+        except TypeError as exc:
+            raise ConfigError(f"peakfinder8: {exc}") from None
+    return Peakfinder8(params, radius=radius, mask=mask, device=device)
+
+
+def resolve_layout(cfg: FinderConfig) -> tuple[Any, tuple[int, int] | None, np.ndarray | None, np.ndarray | None]:
+    """``(geometry, panel_shape, bad_pixels, radius)`` from a config's geometry/mask/panel_shape.
+
+    ``bad_pixels`` (True = bad) and ``radius`` are ``(P, H, W)`` (None when not known). Without a
+    geometry a 2-D mask is split by ``panel_shape`` (one panel if None). A mask that does not fit
+    is a one-line ConfigError.
+    """
+    from .geometry import (
+        DetectorGeometry,
+        bad_from_array,
+        fit_to_slab,
+        geometry_bad_pixels,
+        radius_map,
+        read_geometry,
+        read_mask_array,
+        tile_shape_for,
+    )
+
+    geometry = cfg.geometry
+    base_dir = None
+    if isinstance(geometry, (str, Path)):
+        gpath = Path(geometry)
+        if not gpath.exists():
+            raise ConfigError(f"geometry: no such file: {gpath}")
+        base_dir = gpath.parent
+        geometry = read_geometry(gpath)
+    user_bad = None
+    if cfg.mask is not None:
+        values = cfg.mask if isinstance(cfg.mask, np.ndarray) else read_mask_array(cfg.mask, cfg.mask_dataset)
+        good_bits, bad_bits = cfg.mask_good_bits, cfg.mask_bad_bits
+        if cfg.mask_convention == "crystfel" and geometry is not None:
+            from .geometry import _as_int_bits
+
+            if good_bits is None and "mask_good" in geometry.extra:
+                good_bits = _as_int_bits(geometry.extra["mask_good"], where="geometry mask_good")
+            if bad_bits is None and "mask_bad" in geometry.extra:
+                bad_bits = _as_int_bits(geometry.extra["mask_bad"], where="geometry mask_bad")
+        user_bad = bad_from_array(values, cfg.mask_convention, good_bits=good_bits, bad_bits=bad_bits)
+    if isinstance(geometry, DetectorGeometry):
+        tile = tile_shape_for(geometry, cfg.panel_shape)
+        rows, cols = geometry.slab_shape
+        bad = geometry_bad_pixels(geometry, base_dir=base_dir)
+        if user_bad is not None:
+            bad = bad | fit_to_slab(user_bad, (rows, cols))
+        shape = (rows // tile[0],) + tile
+        radius = radius_map(geometry).reshape(shape)
+        return geometry, tile, bad.reshape(shape), radius
+    panel_shape = cfg.panel_shape
+    if user_bad is None:
+        return None, panel_shape, None, None
+    if user_bad.ndim == 3:
+        if panel_shape is not None and tuple(user_bad.shape[1:]) != tuple(panel_shape):
+            raise ConfigError(f"mask: shape {user_bad.shape} does not fit panels of {panel_shape[0]} x {panel_shape[1]}")
+        return None, tuple(user_bad.shape[1:]), user_bad, None
+    if user_bad.ndim != 2:
+        raise ConfigError(f"mask: expected a 2-D slab or a (P, H, W) stack, got shape {user_bad.shape}")
+    if panel_shape is None:
+        return None, None, user_bad[None], None
+    h, w = panel_shape
+    if user_bad.shape[1] != w or user_bad.shape[0] % h:
+        raise ConfigError(f"mask: shape {user_bad.shape} does not fit panels of {h} x {w}")
+    return None, panel_shape, user_bad.reshape(-1, h, w), None
 
 
 class PeakFinder:
@@ -139,6 +237,11 @@ class PeakFinder:
     def __init__(self, weights: str = "default", **kwargs: Any) -> None:
         self.config = FinderConfig(weights=weights, **kwargs)
         cfg = self.config
+        #: the detector geometry (``DetectorGeometry``) or None; ``panel_shape``: the tiles frames
+        #: are split into; ``bad_pixels`` / ``radius``: ``(P, H, W)`` maps or None;
+        #: ``frame_shape``: ``(P, H, W)`` every frame must have, when the geometry/mask fix it.
+        self.geometry, self.panel_shape, self.bad_pixels, self.radius = resolve_layout(cfg)
+        self.frame_shape = None if self.bad_pixels is None else tuple(int(v) for v in self.bad_pixels.shape)
         self.device = resolve_device(cfg.device)
         if cfg.backend == "peaknet":
             net = build_model(cfg.weights, cfg.model).to(self.device)
@@ -152,9 +255,13 @@ class PeakFinder:
                 max_peaks=cfg.max_peaks,
                 per_event_norm=cfg.per_event_norm,
                 norm=None if cfg.norm == "auto" else cfg.norm,
+                bad_pixels=(
+                    torch.from_numpy(self.bad_pixels.copy()).to(self.device)
+                    if self.bad_pixels is not None and self.bad_pixels.any() else None
+                ),
             )
         else:
-            pf8 = build_peakfinder8(cfg.peakfinder8, self.device)
+            pf8 = build_peakfinder8(cfg.peakfinder8, self.device, radius=self.radius, bad_pixels=self.bad_pixels)
             self.model = None
             backend = FunctionBackend(pf8.find_peaks)
         self.pipeline = Pipeline(
@@ -164,6 +271,14 @@ class PeakFinder:
             "PeakFinder ready: backend=%s device=%s weights=%s norm=%s", cfg.backend, self.device, cfg.weights,
             backend.input_norm if cfg.backend == "peaknet" else "-",
         )
+
+    def check_frames(self, stack: np.ndarray) -> np.ndarray:
+        """``stack`` ``(F, P, H, W)`` if it fits the geometry/mask, else FrameError."""
+        if self.frame_shape is not None and tuple(stack.shape[1:]) != self.frame_shape:
+            raise FrameError(
+                f"frames of panels {tuple(stack.shape[1:])} do not fit the geometry/mask {self.frame_shape} (P, H, W)"
+            )
+        return stack
 
     def warmup(self, frame_shape: tuple[int, int, int], dtype: np.dtype | str = np.float32) -> None:
         """Run one full batch of zeros so allocation, cuDNN and compile costs happen now."""
@@ -175,7 +290,7 @@ class PeakFinder:
 
     def find(self, frames: np.ndarray) -> list[PeakTable]:
         """One PeakTable per frame; ``frames`` is ``(F, P*H, W)``, ``(F, P, H, W)`` or ``(H, W)``."""
-        stack = as_panel_stack(frames, self.config.panel_shape)
+        stack = self.check_frames(as_panel_stack(frames, self.panel_shape))
         out: list[PeakTable] = []
         bs = self.config.batch_size
         for start in range(0, stack.shape[0], bs):

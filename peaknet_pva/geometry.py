@@ -630,3 +630,409 @@ def read_geometry(path: str | os.PathLike[str]) -> DetectorGeometry:
     except OSError as exc:
         raise ConfigError(f"cannot read geometry file {path}: {exc}") from exc
     return parse_geometry(text, source=str(path))
+
+
+# -- pixel maps, masks and processing tiles ----------------------------------------------------
+#
+# A geometry describes the *slab* (the 2-D data array, ``slab_shape`` = (rows, cols)). The
+# pipeline works on a ``(P, H, W)`` stack of equal *tiles* cut from the slab by rows
+# (:func:`tile_shape_for`); peaks are reported tile-local ("panel" = tile index), as with a plain
+# ``panel_shape``. For our stacked geometries the tiles are the geometry's panels.
+
+#: How a user's mask array is read (``mask_convention``).
+MASK_CONVENTIONS = ("om", "nonzero_bad", "crystfel")
+_TRUE = ("1", "true", "yes")
+
+
+def from_preset(
+    detector: object, *, photon_energy_ev: float | None = None, adu_per_photon: float | None = None
+) -> DetectorGeometry:
+    """The physical geometry of a simulator preset (``simulate.DetectorPreset``, duck-typed).
+
+    Panel ``p`` is slab rows ``p*H .. p*H+H-1`` (the ``(P*H, W)`` slab the simulator writes),
+    ``fs = +x``, ``ss = +y``, and ``corner = origin - beam_center - 0.5`` (the preset's origins are
+    pixel *centres*; CrystFEL's corners are pixel corners, beam at x = y = 0). ``radius_map``
+    of the result equals ``detector.radius_map()`` up to float32 rounding.
+    """
+    h, w = (int(v) for v in detector.panel_shape)  # type: ignore[attr-defined]
+    by, bx = (float(v) for v in detector.beam_center)  # type: ignore[attr-defined]
+    panels = tuple(
+        PanelGeometry(
+            name=f"p{i}",
+            min_ss=i * h,
+            max_ss=(i + 1) * h - 1,
+            min_fs=0,
+            max_fs=w - 1,
+            corner_x=float(ox) - bx - 0.5,
+            corner_y=float(oy) - by - 0.5,
+        )
+        for i, (oy, ox) in enumerate(detector.panel_origins)  # type: ignore[attr-defined]
+    )
+    if adu_per_photon is None:
+        adu_per_photon = 1.0 if getattr(detector, "kev_units", False) else float(getattr(detector, "adu_per_photon", 1.0))
+    return DetectorGeometry(
+        panels=panels,
+        clen=float(detector.distance_m),  # type: ignore[attr-defined]
+        res=1.0 / float(detector.pixel_size_m),  # type: ignore[attr-defined]
+        photon_energy=CXI_PHOTON_ENERGY_PATH if photon_energy_ev is None else float(photon_energy_ev),
+        adu_per_photon=float(adu_per_photon),
+    )
+
+
+def tile_shape_for(geometry: DetectorGeometry, panel_shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The ``(H, W)`` tiles the slab is cut into for processing (``W`` = the slab width).
+
+    ``panel_shape`` (if given) must tile the slab by rows without cutting a geometry panel in two.
+    Otherwise the finest such tiling is chosen: for a stacked geometry that is its panels, for a
+    single large module the whole slab, for a module split into ASIC panels the ASIC rows.
+    """
+    rows, cols = geometry.slab_shape
+    panels = geometry.panels
+    if panel_shape is not None:
+        h, w = (int(v) for v in panel_shape)
+        if w != cols or h <= 0 or rows % h:
+            raise ConfigError(
+                f"panel_shape {h},{w} does not tile the geometry's {rows} x {cols} slab "
+                f"(need W = {cols} and H dividing {rows})"
+            )
+        for p in panels:
+            if p.min_ss // h != p.max_ss // h:
+                raise ConfigError(
+                    f"panel_shape {h},{w}: geometry panel {p.name} (ss {p.min_ss}..{p.max_ss}) crosses a tile boundary"
+                )
+        return (h, w)
+    tallest = max(p.height for p in panels)
+    for h in range(tallest, rows + 1):
+        if rows % h == 0 and all(p.min_ss // h == p.max_ss // h for p in panels):
+            return (h, cols)
+    return (rows, cols)  # pragma: no cover - h = rows always qualifies
+
+
+def panel_index_map(geometry: DetectorGeometry) -> np.ndarray:
+    """``(rows, cols)`` int32: the geometry panel of each slab pixel, -1 where no panel is."""
+    out = np.full(geometry.slab_shape, -1, dtype=np.int32)
+    for i, p in enumerate(geometry.panels):
+        region = out[p.min_ss : p.max_ss + 1, p.min_fs : p.max_fs + 1]
+        region[region < 0] = i
+    return out
+
+
+def _ref_res(geometry: DetectorGeometry) -> float | None:
+    if geometry.res is not None:
+        return geometry.res
+    for p in geometry.panels:
+        if p.res is not None:
+            return p.res
+    return None
+
+
+def lab_xy(geometry: DetectorGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Lab ``(x, y)`` of every slab pixel *centre*, ``(rows, cols)`` float64, NaN off-panel.
+
+    Pixel ``(ss, fs)`` of a panel has its centre at ``corner + (fs - min_fs + 0.5) * fs_vec +
+    (ss - min_ss + 0.5) * ss_vec`` (CrystFEL: the corner is the corner of the first pixel, and a
+    pixel's centre is half a pixel in along both axes). Units: pixels of the reference resolution
+    (the global ``res``; panels with their own ``res`` are scaled to it).
+    """
+    rows, cols = geometry.slab_shape
+    x = np.full((rows, cols), np.nan)
+    y = np.full((rows, cols), np.nan)
+    ref = _ref_res(geometry)
+    for p in reversed(geometry.panels):  # the first panel wins where panels overlap
+        fs = np.arange(p.width, dtype=np.float64)[None, :] + 0.5
+        ss = np.arange(p.height, dtype=np.float64)[:, None] + 0.5
+        px = p.corner_x + fs * p.fs[0] + ss * p.ss[0]
+        py = p.corner_y + fs * p.fs[1] + ss * p.ss[1]
+        scale = ref / p.res if (ref is not None and p.res is not None) else 1.0
+        x[p.min_ss : p.max_ss + 1, p.min_fs : p.max_fs + 1] = px * scale
+        y[p.min_ss : p.max_ss + 1, p.min_fs : p.max_fs + 1] = py * scale
+    return x, y
+
+
+def radius_map(geometry: DetectorGeometry) -> np.ndarray:
+    """Distance of every slab pixel centre from the beam axis (lab x = y = 0), ``(rows, cols)``
+    float32, in pixels; 0 off-panel (those pixels are bad in :func:`geometry_bad_pixels`)."""
+    x, y = lab_xy(geometry)
+    r = np.hypot(x, y)
+    return np.nan_to_num(r, nan=0.0).astype(np.float32)
+
+
+def _region_groups(extra: dict[str, str]) -> dict[str, dict[str, str]]:
+    groups: dict[str, dict[str, str]] = {}
+    for key, value in extra.items():
+        name, sep, sub = key.partition("/")
+        if sep and name.startswith("bad"):
+            groups.setdefault(name, {})[sub] = value
+    return groups
+
+
+def _as_int_bits(text: str, *, where: str) -> int:
+    try:
+        return int(str(text).strip(), 0)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: expected an integer (0x.. hex allowed), got {text!r}") from exc
+
+
+def _mask_specs(keys: dict[str, str]) -> list[dict[str, str]]:
+    """CrystFEL mask directives in ``keys`` -> ``[{data, file, goodbits, badbits}]`` (mask0..7)."""
+    specs: dict[int, dict[str, str]] = {}
+    legacy = {"mask": "data", "mask_file": "file", "mask_good": "goodbits", "mask_bad": "badbits"}
+    for key, value in keys.items():
+        if key in legacy:
+            specs.setdefault(0, {})[legacy[key]] = value
+            continue
+        m = re.fullmatch(r"mask([0-7])_(data|file|goodbits|badbits)", key)
+        if m:
+            specs.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    return [specs[k] for k in sorted(specs)]
+
+
+def _resolve_file(name: str, base_dir: Path | None) -> Path:
+    path = Path(name)
+    if path.is_absolute() or path.exists() or base_dir is None:
+        return path
+    alt = base_dir / path
+    return alt if alt.exists() else path
+
+
+def read_mask_array(path: str | os.PathLike[str], dataset: str | None = None) -> np.ndarray:
+    """A mask array from ``.npy`` or HDF5 (``.h5``/``.hdf5``/``.cxi``/``.nxs``).
+
+    HDF5: ``dataset`` if given, else the only 2-D/3-D integer or boolean dataset in the file
+    (``/data/data``, ``/mask``, ... ). A ``file.h5:/path`` suffix names the dataset too.
+    """
+    text = str(path)
+    if dataset is None and ":" in text and not Path(text).exists():
+        text, _, dataset = text.rpartition(":")
+    p = Path(text)
+    if not p.exists():
+        raise ConfigError(f"mask: no such file: {p}")
+    if p.suffix == ".npy":
+        try:
+            return np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"mask: cannot read {p}: {exc}") from None
+    import h5py
+
+    try:
+        fh = h5py.File(p, "r")
+    except OSError as exc:
+        raise ConfigError(f"mask: cannot open {p} as HDF5 (or give a .npy): {exc}") from None
+    with fh:
+        if dataset is not None:
+            if dataset not in fh or not isinstance(fh[dataset], h5py.Dataset):
+                raise ConfigError(f"mask: {p} has no dataset {dataset}")
+            return np.asarray(fh[dataset][()])
+        found: list[str] = []
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.dtype.kind in "biu":
+                found.append(name)
+
+        fh.visititems(visit)
+        if len(found) != 1:
+            raise ConfigError(
+                f"mask: {p} holds {len(found)} candidate datasets ({', '.join(found[:5]) or 'none'}): "
+                "name one with mask_dataset (or FILE:/dataset)"
+            )
+        return np.asarray(fh[found[0]][()])
+
+
+def bad_from_array(
+    values: np.ndarray,
+    convention: str = "om",
+    *,
+    good_bits: int | None = None,
+    bad_bits: int | None = None,
+) -> np.ndarray:
+    """Bad pixels (True = bad) of a mask array read with ``convention``:
+
+    * ``"om"``: OM / Cheetah / psana, nonzero = good, 0 = bad;
+    * ``"nonzero_bad"``: pyFAI / NeXus ``pixel_mask`` / our ``truth.h5`` ``bad_pixel_mask``;
+    * ``"crystfel"``: bit flags: bad unless every bit of ``good_bits`` is set, or if any bit of
+      ``bad_bits`` is set (CrystFEL's ``mask_good``/``mask_bad``; defaults 0 and all bits).
+    """
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "biuf":
+        raise ConfigError(f"mask: expected a numeric or boolean array, got dtype {arr.dtype}")
+    if convention == "om":
+        return arr == 0
+    if convention == "nonzero_bad":
+        return arr != 0
+    if convention == "crystfel":
+        if arr.dtype.kind == "f":
+            if np.any(arr != np.round(arr)):
+                raise ConfigError("mask: a crystfel bit mask must hold integers")
+            arr = arr.astype(np.int64)
+        bits = arr.astype(np.int64)
+        good = 0 if good_bits is None else int(good_bits)
+        bad = -1 if bad_bits is None else int(bad_bits)
+        return ((bits & good) != good) | ((bits & bad) != 0)
+    raise ConfigError(f"mask_convention must be one of {MASK_CONVENTIONS}, got {convention!r}")
+
+
+def fit_to_slab(bad: np.ndarray, slab_shape: tuple[int, int], *, what: str = "mask") -> np.ndarray:
+    """``bad`` as ``slab_shape`` (a 2-D slab, or a ``(P, H, W)`` stack of it); ConfigError if it
+    does not fit."""
+    rows, cols = slab_shape
+    arr = np.asarray(bad)
+    if arr.ndim == 2 and arr.shape == (rows, cols):
+        return arr
+    if arr.ndim == 3 and arr.shape[0] * arr.shape[1] == rows and arr.shape[2] == cols:
+        return arr.reshape(rows, cols)
+    raise ConfigError(f"{what}: shape {arr.shape} does not fit frames of {rows} x {cols} (slab rows x cols)")
+
+
+def geometry_bad_pixels(
+    geometry: DetectorGeometry,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    use_mask_files: bool = True,
+) -> np.ndarray:
+    """What the geometry itself marks bad, ``(rows, cols)`` bool (True = bad):
+
+    slab pixels on no panel; panels with ``no_index = 1``; ``mask_edge_pixels``; ``bad*`` regions
+    (fs/ss ranges, inclusive, in data coordinates, optionally limited to ``panel``; or lab
+    ``min_x..max_x`` / ``min_y..max_y`` in pixels, tested at pixel centres); and the CrystFEL masks
+    ``mask``/``mask_file``/``mask_good``/``mask_bad`` and ``maskN_data``/``maskN_file``/
+    ``maskN_goodbits``/``maskN_badbits`` (global or per panel) when the mask is in a separate file
+    (``mask_file``, absolute, relative to the working directory, or else to ``base_dir``). A mask
+    that lives in each data file (no ``mask_file``) cannot be read from a stream: it is skipped
+    with a warning (pass it as ``mask``). ``flag_lessthan``/``flag_morethan``/``flag_equal`` are
+    per-frame value tests and are not applied (warning).
+    """
+    base = Path(base_dir) if base_dir is not None else None
+    rows, cols = geometry.slab_shape
+    index = panel_index_map(geometry)
+    bad = index < 0
+    glob = {k: v for k, v in geometry.extra.items() if "/" not in k}
+    edge_global = glob.get("mask_edge_pixels")
+    warned_flags = False
+    for i, p in enumerate(geometry.panels):
+        view = bad[p.min_ss : p.max_ss + 1, p.min_fs : p.max_fs + 1]
+        mine = index[p.min_ss : p.max_ss + 1, p.min_fs : p.max_fs + 1] == i
+        if str(p.extra.get("no_index", "0")).strip().lower() in _TRUE:
+            view[mine] = True
+            continue
+        edge = p.extra.get("mask_edge_pixels", edge_global)
+        if edge is not None:
+            n = _parse_int(edge, where=f"panel {p.name} mask_edge_pixels")
+            if n > 0:
+                e = np.zeros(view.shape, bool)
+                e[:n, :] = e[-n:, :] = e[:, :n] = e[:, -n:] = True
+                view[e & mine] = True
+        if not warned_flags and any(k.startswith("flag_") for k in (*p.extra, *glob)):
+            log.warning("geometry: flag_lessthan/flag_morethan/flag_equal are per-frame value tests; not applied")
+            warned_flags = True
+    # bad regions
+    x = y = None
+    for name, kv in _region_groups(geometry.extra).items():
+        where = f"geometry bad region {name}"
+        if any(k in kv for k in ("min_x", "max_x", "min_y", "max_y")):
+            if x is None:
+                x, y = lab_xy(geometry)
+            lo_x = _parse_float(kv.get("min_x", "-inf"), where=where)
+            hi_x = _parse_float(kv.get("max_x", "inf"), where=where)
+            lo_y = _parse_float(kv.get("min_y", "-inf"), where=where)
+            hi_y = _parse_float(kv.get("max_y", "inf"), where=where)
+            with np.errstate(invalid="ignore"):
+                hit = (x >= lo_x) & (x <= hi_x) & (y >= lo_y) & (y <= hi_y)
+            if "panel" in kv:
+                hit &= index == geometry.panel_index(kv["panel"].strip())
+            bad |= hit
+            continue
+        if not all(k in kv for k in ("min_fs", "max_fs", "min_ss", "max_ss")):
+            raise ConfigError(f"{where}: needs min_fs/max_fs/min_ss/max_ss or min_x/max_x/min_y/max_y")
+        fs0, fs1, ss0, ss1 = (_parse_int(kv[k], where=f"{where} {k}") for k in ("min_fs", "max_fs", "min_ss", "max_ss"))
+        region = np.zeros((rows, cols), bool)
+        region[max(ss0, 0) : ss1 + 1, max(fs0, 0) : fs1 + 1] = True
+        if "panel" in kv:
+            region &= index == geometry.panel_index(kv["panel"].strip())
+        bad |= region
+    # CrystFEL masks (global, then per panel)
+    if use_mask_files:
+        for spec in _mask_specs(glob):
+            bad |= _crystfel_mask(spec, (rows, cols), base, where="geometry")
+        for i, p in enumerate(geometry.panels):
+            for spec in _mask_specs({**{k: v for k, v in glob.items()}, **p.extra}) if any(
+                k.startswith("mask") and k != "mask_edge_pixels" for k in p.extra
+            ) else []:
+                panel_bad = _crystfel_mask(spec, (rows, cols), base, where=f"geometry panel {p.name}")
+                bad |= panel_bad & (index == i)
+    return bad
+
+
+def _crystfel_mask(spec: dict[str, str], slab_shape: tuple[int, int], base: Path | None, *, where: str) -> np.ndarray:
+    data = spec.get("data")
+    if data is None and "file" not in spec:
+        return np.zeros(slab_shape, bool)
+    if "file" not in spec:
+        log.warning("%s: mask %s is read from each data file by CrystFEL; a stream has none: "
+                    "not applied (pass the mask file as mask=...)", where, data)
+        return np.zeros(slab_shape, bool)
+    path = _resolve_file(spec["file"].strip(), base)
+    if data is not None and "%" in data:
+        log.warning("%s: per-event mask location %s not supported: not applied", where, data)
+        return np.zeros(slab_shape, bool)
+    values = read_mask_array(path, data.strip() if data else None)
+    good = _as_int_bits(spec["goodbits"], where=f"{where} mask_good") if "goodbits" in spec else 0
+    badb = _as_int_bits(spec["badbits"], where=f"{where} mask_bad") if "badbits" in spec else 0
+    bad = bad_from_array(values, "crystfel", good_bits=good, bad_bits=badb)
+    return fit_to_slab(bad, slab_shape, what=f"{where} mask {path}")
+
+
+def tiles_to_slab(
+    panel: np.ndarray,
+    y: np.ndarray,
+    x: np.ndarray,
+    geometry: DetectorGeometry,
+    tile_shape: tuple[int, int],
+    *,
+    dtype: np.dtype | type = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tile-local peaks (``panel`` = tile index of a ``(rows/H, H, W)`` stack) -> slab ``(ss, fs)``,
+    clamped to the geometry panel the peak's pixel belongs to (see :func:`panel_to_slab`).
+
+    For a stacked geometry whose panels are the tiles this is exactly :func:`panel_to_slab`.
+    A peak whose pixel lies on no panel is clamped onto the nearest panel.
+    """
+    h, w = (int(v) for v in tile_shape)
+    if geometry.n_panels * h == geometry.slab_shape[0] and geometry.is_stacked_slab((h, w)):
+        return panel_to_slab(panel, y, x, geometry, dtype=dtype)
+    panel = np.asarray(panel).astype(np.int64)
+    y = np.asarray(y, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if not (np.all(np.isfinite(y)) and np.all(np.isfinite(x))):
+        raise FrameError("peak coordinates contain NaN or Inf")
+    rows, cols = geometry.slab_shape
+    if panel.size and (panel.min() < 0 or panel.max() >= rows // h):
+        raise FrameError(f"tile index out of range: {int(panel.min())}..{int(panel.max())}, slab has {rows // h} tiles")
+    ss = panel * h + y
+    fs = x
+    dtype = np.dtype(dtype)
+    if not ss.size:
+        return ss.astype(dtype), fs.astype(dtype)
+    index = _index_map_cached(geometry)
+    pi = np.clip(np.floor(ss + 0.5).astype(np.int64), 0, rows - 1)
+    pj = np.clip(np.floor(fs + 0.5).astype(np.int64), 0, cols - 1)
+    owner = index[pi, pj].astype(np.int64)
+    if np.any(owner < 0):
+        lo_ss = np.array([p.min_ss for p in geometry.panels], float)
+        hi_ss = np.array([p.max_ss for p in geometry.panels], float)
+        lo_fs = np.array([p.min_fs for p in geometry.panels], float)
+        hi_fs = np.array([p.max_fs for p in geometry.panels], float)
+        miss = np.nonzero(owner < 0)[0]
+        dss = np.maximum(0, np.maximum(lo_ss[None] - ss[miss, None], ss[miss, None] - hi_ss[None]))
+        dfs = np.maximum(0, np.maximum(lo_fs[None] - fs[miss, None], fs[miss, None] - hi_fs[None]))
+        owner[miss] = np.argmin(dss * dss + dfs * dfs, axis=1)
+    _, _, ss_lo, ss_hi, fs_lo, fs_hi = _panel_tables(geometry, dtype.str)
+    ss_out = np.clip(ss.astype(dtype), ss_lo[owner], ss_hi[owner])
+    fs_out = np.clip(fs.astype(dtype), fs_lo[owner], fs_hi[owner])
+    return ss_out, fs_out
+
+
+@functools.lru_cache(maxsize=8)
+def _index_map_cached(geometry: DetectorGeometry) -> np.ndarray:
+    out = panel_index_map(geometry)
+    out.flags.writeable = False
+    return out
