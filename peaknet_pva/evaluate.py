@@ -219,7 +219,7 @@ def evaluate_main(args: Any) -> int:
             int(getattr(args, "n_frames", 20)),
             detector=getattr(args, "detector", "single"),
             seed=int(getattr(args, "seed", 1000)),
-            progress=False,
+            progress=bool(getattr(args, "progress", True)),
         )
     device = _resolve_device(getattr(args, "device", "auto"))
     frames = np.asarray(ds.frames)
@@ -237,7 +237,12 @@ def evaluate_main(args: Any) -> int:
     }
     found_first = None
     rc = 0
-    for name in [b.strip() for b in str(getattr(args, "backends", "peaknet,peakfinder8")).split(",") if b.strip()]:
+    names = [b.strip() for b in str(getattr(args, "backends", "peaknet,peakfinder8")).split(",") if b.strip()]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(names, desc="evaluate", unit="backend", disable=not getattr(args, "progress", True) or len(names) < 2)
+    for name in bar:
+        bar.set_postfix_str(name)
         try:
             t0 = time.perf_counter()
             if name == "peakfinder8":
