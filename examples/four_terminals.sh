@@ -222,6 +222,6 @@ EOF
 cleanup
 
 echo "--- CXI files in $OUT/cxi (the writers closed their last chunk on SIGINT):"
-"$BIN/peaknet-pva" inspect "$OUT/cxi" --min-peaks 0 2>/dev/null \
+"$BIN/peaknet-pva" inspect "$OUT/cxi" --min-peaks 0 --json 2>/dev/null \
     | "$PY" -c "import json, sys; s = json.load(sys.stdin); print('cxi:', {k: s[k] for k in ('n_files', 'n_frames', 'n_peaks_total', 'unique_id_range')})" \
     || echo "no CXI files (see $OUT/logs/cxi.log)"

@@ -289,3 +289,43 @@ def test_peaknet_masked_pixels_never_hold_a_peak(tmp_path):
     assert bool(backend.bad_pixels[1].all()) and not bool(backend.bad_pixels[0].any())
     for table in finder.find(frames):
         assert not np.any(table.panel == 1)
+
+
+# -- the PVA processor takes geometry and mask ---------------------------------------------------
+
+
+def test_processor_geometry_and_mask(tmp_path):
+    pytest.importorskip("pvaccess")
+    from pva_helpers import FakePublisher, wait_until
+
+    from peaknet_pva.pva import codec
+    from peaknet_pva.pva.peaknet_processor import PeakNetImageProcessor, PeakNetProcessorParams
+
+    geom = tmp_path / "two.geom"
+    g.write_geometry(geom, g.DetectorGeometry.stacked(2, (64, 64)))
+    good = np.ones((128, 64), np.uint8)
+    good[64:] = 0  # panel 1 bad (OM convention)
+    with h5py.File(tmp_path / "mask.h5", "w") as fh:
+        fh["/mask"] = good
+    args = {"backend": "peakfinder8", "device": "cpu", "geometry": str(geom), "mask": str(tmp_path / "mask.h5"),
+            "mask_convention": "om", "min_peaks": 0, "forward_images": "all", "photon_energy_ev": 9000.0,
+            "batch_size": 1, "batch_timeout_ms": 10, "peakfinder8": PF8}
+    params = PeakNetProcessorParams.from_config(args)
+    assert params.geometry == str(geom) and params.mask_convention == "om"
+    with pytest.raises(ConfigError, match="mask_convention"):
+        PeakNetProcessorParams.from_config(dict(args, mask_convention="bad"))
+    proc = PeakNetImageProcessor(dict(args))
+    pub = FakePublisher()
+    proc.outputChannel, proc.dataPublisher = "test:output", pub
+    frame = np.random.default_rng(0).poisson(3.0, (128, 64)).astype(np.float32)
+    spot(frame, 20, 20, 2000.0)
+    spot(frame, 64 + 20, 20, 2000.0)
+    proc.start()
+    proc.process(codec.encode_ntndarray(frame, unique_id=1))
+    proc.process(codec.encode_ntndarray(frame[:64], unique_id=2))  # does not fit the geometry
+    wait_until(lambda: len(pub.objects) == 1, 60, what="1 output")
+    stats = proc.getStats()
+    proc.stop()
+    peaks, meta = codec.decode_output(pub.objects[0])
+    assert peaks.n >= 1 and set(peaks.panel.tolist()) == {0}
+    assert stats["nBadFrames"] == 1

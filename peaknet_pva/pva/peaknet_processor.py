@@ -35,6 +35,7 @@ from .args import PVAPY_KEYS, _as_bool, _as_choice, _as_float, _as_int, _as_pane
 from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, DecodedFrame, build_output, decode_ntndarray, output_type
 
 FORWARD_IMAGES = ("all", "hits", "none")
+MASK_CONVENTIONS = ("om", "nonzero_bad", "crystfel")  # geometry.MASK_CONVENTIONS
 CENTROIDS = ("mask", "intensity")
 BACKENDS = ("peaknet", "peakfinder8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -67,6 +68,10 @@ class PeakNetProcessorParams:
     per_event_norm: bool = False
     norm: str = "auto"
     peakfinder8: str | dict[str, Any] | None = None
+    geometry: str | None = None
+    mask: str | None = None
+    mask_convention: str = "om"
+    mask_dataset: str | None = None
 
     RUNTIME_KEYS = ("min_peaks", "forward_images", "centroid", "batch_timeout_ms")
 
@@ -98,6 +103,11 @@ class PeakNetProcessorParams:
         fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
             raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
+        for key in ("geometry", "mask", "mask_dataset"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{key} must be a file path (string) or null, got {value!r}")
+        fix(self, "mask_convention", _as_choice("mask_convention", self.mask_convention, MASK_CONVENTIONS))
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> PeakNetProcessorParams:
@@ -209,6 +219,7 @@ class PeakNetImageProcessor(AdImageProcessor):
         self.params = PeakNetProcessorParams.from_config(config)
         self._processor_id = int(config.get("processorId", 1) or 1)
         self._layout = PanelLayout(self.params.panel_shape)
+        self._frame_shape: tuple[int, ...] | None = None
 
         # Created before anything can call process() (it may run before start() returns).
         self._cond = threading.Condition()
@@ -245,11 +256,19 @@ class PeakNetImageProcessor(AdImageProcessor):
             per_event_norm=p.per_event_norm,
             norm=p.norm,
             peakfinder8=p.peakfinder8,
+            geometry=p.geometry,
+            mask=p.mask,
+            mask_convention=p.mask_convention,
+            mask_dataset=p.mask_dataset,
         )
         self.pipeline = self.finder.pipeline
-        if p.panel_shape is not None:
+        # a geometry fixes the tiles (and the whole frame shape): decode frames with them
+        self._frame_shape = getattr(self.finder, "frame_shape", None)
+        self._layout = PanelLayout(getattr(self.finder, "panel_shape", None) or p.panel_shape)
+        warm_shape = self._frame_shape or (None if self._layout.panel_shape is None else (1,) + self._layout.panel_shape)
+        if warm_shape is not None:
             t0 = time.perf_counter()
-            self.finder.warmup((1,) + p.panel_shape, np.float32)
+            self.finder.warmup(warm_shape, np.float32)
             self._warmed_up = True
             self.logger.info(
                 "processor %s: PeakFinder on %s warmed up in %.2f s", self._processor_id, self.device_name,
@@ -307,6 +326,10 @@ class PeakNetImageProcessor(AdImageProcessor):
         params = self.params
         try:
             frame = decode_ntndarray(pvObject, self._layout, photon_energy_attribute=params.photon_energy_attribute)
+            if self._frame_shape is not None and frame.pixels.shape != self._frame_shape:
+                raise FrameError(
+                    f"frame of panels {frame.pixels.shape} does not fit the geometry/mask {self._frame_shape} (P, H, W)"
+                )
         except FrameError as exc:
             st.n_bad_frames += 1
             self._log_bad_frame(exc)
