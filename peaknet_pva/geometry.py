@@ -949,16 +949,18 @@ def geometry_bad_pixels(
         if "panel" in kv:
             region &= index == geometry.panel_index(kv["panel"].strip())
         bad |= region
-    # CrystFEL masks (global, then per panel)
+    # CrystFEL masks: the global directives, overridden per panel by the panel's own
     if use_mask_files:
-        for spec in _mask_specs(glob):
-            bad |= _crystfel_mask(spec, (rows, cols), base, where="geometry")
+        cache: dict[tuple, np.ndarray] = {}
         for i, p in enumerate(geometry.panels):
-            for spec in _mask_specs({**{k: v for k, v in glob.items()}, **p.extra}) if any(
-                k.startswith("mask") and k != "mask_edge_pixels" for k in p.extra
-            ) else []:
-                panel_bad = _crystfel_mask(spec, (rows, cols), base, where=f"geometry panel {p.name}")
-                bad |= panel_bad & (index == i)
+            own = {k: v for k, v in p.extra.items() if k.startswith("mask") and k != "mask_edge_pixels"}
+            for spec in _mask_specs({**glob, **own}):
+                key = tuple(sorted(spec.items()))
+                if key not in cache:
+                    cache[key] = _crystfel_mask(spec, (rows, cols), base, where=f"geometry (panel {p.name})")
+                sl = (slice(p.min_ss, p.max_ss + 1), slice(p.min_fs, p.max_fs + 1))
+                mine = index[sl] == i
+                bad[sl] |= cache[key][sl] & mine
     return bad
 
 

@@ -329,3 +329,16 @@ def test_processor_geometry_and_mask(tmp_path):
     peaks, meta = codec.decode_output(pub.objects[0])
     assert peaks.n >= 1 and set(peaks.panel.tolist()) == {0}
     assert stats["nBadFrames"] == 1
+
+
+def test_no_index_edge_pixels_and_in_file_mask(tmp_path, caplog):
+    text = g.format_geometry(g.DetectorGeometry.stacked(2, (16, 16)))
+    text += "\nmask_edge_pixels = 1\nmask = /entry_1/data_1/mask\nmask_good = 0x1\np1/no_index = 1\n"
+    path = tmp_path / "e.geom"
+    path.write_text(text)
+    geom = g.read_geometry(path)
+    with caplog.at_level("WARNING"):
+        bad = g.geometry_bad_pixels(geom)
+    assert bad[16:].all()  # no_index
+    assert bad[0].all() and bad[15].all() and bad[:16, 0].all() and not bad[1:15, 1:15].any()
+    assert any("mask=" in r.getMessage() for r in caplog.records)  # in-file mask: not applied, said so
