@@ -668,14 +668,19 @@ def from_preset(
         )
         for i, (oy, ox) in enumerate(detector.panel_origins)  # type: ignore[attr-defined]
     )
+    adu_per_ev = None
     if adu_per_photon is None:
-        adu_per_photon = 1.0 if getattr(detector, "kev_units", False) else float(getattr(detector, "adu_per_photon", 1.0))
+        if getattr(detector, "kev_units", False):  # energy-calibrated frames: 1 unit = 1 keV
+            adu_per_ev = 1e-3
+        else:
+            adu_per_photon = float(getattr(detector, "adu_per_photon", 1.0))
     return DetectorGeometry(
         panels=panels,
         clen=float(detector.distance_m),  # type: ignore[attr-defined]
         res=1.0 / float(detector.pixel_size_m),  # type: ignore[attr-defined]
         photon_energy=CXI_PHOTON_ENERGY_PATH if photon_energy_ev is None else float(photon_energy_ev),
-        adu_per_photon=float(adu_per_photon),
+        adu_per_photon=None if adu_per_photon is None else float(adu_per_photon),
+        adu_per_ev=adu_per_ev,
     )
 
 
