@@ -489,7 +489,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("replay", "train"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         func = _cmd_replay if argv[0] == "replay" else _cmd_train
-        return func(argparse.Namespace(), argv[1:])
+        from .errors import CheckpointError, ConfigError, FrameError
+
+        try:
+            return func(argparse.Namespace(), argv[1:])
+        except (ConfigError, FrameError, CheckpointError, FileNotFoundError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"peaknet-pva {argv[0]}: error: {msg}", file=sys.stderr)
+            return USAGE_ERROR
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
