@@ -342,3 +342,19 @@ def test_no_index_edge_pixels_and_in_file_mask(tmp_path, caplog):
     assert bad[16:].all()  # no_index
     assert bad[0].all() and bad[15].all() and bad[:16, 0].all() and not bad[1:15, 1:15].any()
     assert any("mask=" in r.getMessage() for r in caplog.records)  # in-file mask: not applied, said so
+
+
+def test_peaknet_with_geometry_never_peaks_in_module_gaps(tmp_path):
+    path = pilatus_geom(tmp_path)
+    frame = np.random.default_rng(4).poisson(20.0, (619, 981)).astype(np.float32)
+    frame[:, 487:494] = 5000.0  # hot gap columns: would be peaks (or poison the normalisation) unmasked
+    spot(frame, 100, 200, 5000.0)
+    finder = PeakFinder(weights="random", device="cpu", geometry=path, batch_size=1)
+    backend = finder.pipeline.backend
+    assert backend.bad_pixels is not None and tuple(backend.bad_pixels.shape) == (1, 619, 981)
+    assert bool(backend.bad_pixels[0, :, 487:494].all())
+    (table,) = finder.find(frame)
+    x = np.rint(table.x).astype(int)
+    y = np.rint(table.y).astype(int)
+    assert not np.any((x >= 487) & (x <= 493))
+    assert not np.any(((y >= 195) & (y <= 211)) | ((y >= 407) & (y <= 423)))
