@@ -159,8 +159,6 @@ def _load_infer_input(path: Path, data_path: str) -> tuple[object, object]:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import numpy as np
 
     src = _existing(args.frames, "frames")
@@ -181,7 +179,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         raise UsageError(f"argument frames: expected (F, P*H, W) slabs or (F, P, H, W), got shape {shape}")
     n_frames = shape[0]
 
-    from .geometry import CXI_DATA_PATH, CXI_PEAK_LIST, CXI_PHOTON_ENERGY_PATH, DetectorGeometry, read_geometry
+    from .geometry import DetectorGeometry, read_geometry
 
     geometry = read_geometry(args.geometry) if args.geometry else None
     if args.photon_energy_ev is not None:
@@ -246,16 +244,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                         )
                 bar.update(chunk.shape[0])
     # the .geom indexamajig needs next to the files: same panels, our CXI data/peak locations
-    extra = dict(geometry.extra)
-    for key in [k for k in extra if k.endswith("_file") or k.endswith("mask_file")]:
-        mp = Path(extra[key])
-        if not mp.is_absolute() and args.geometry:
-            cand = mp if mp.exists() else Path(args.geometry).parent / mp
-            extra[key] = str(cand.resolve())
-    geom_out = dataclasses.replace(
-        geometry, data=CXI_DATA_PATH, dims=("%", "ss", "fs"), peak_list=CXI_PEAK_LIST, peak_list_type="cxi",
-        photon_energy=CXI_PHOTON_ENERGY_PATH, extra=extra,
-    )
+    from .geometry import for_cxi
+
+    geom_out = for_cxi(geometry, base_dir=Path(args.geometry).parent if args.geometry else None)
     from .geometry import write_geometry
 
     out_dir.mkdir(parents=True, exist_ok=True)

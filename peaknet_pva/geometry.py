@@ -1043,3 +1043,26 @@ def _index_map_cached(geometry: DetectorGeometry) -> np.ndarray:
     out = panel_index_map(geometry)
     out.flags.writeable = False
     return out
+
+
+def for_cxi(geometry: DetectorGeometry, *, base_dir: str | os.PathLike[str] | None = None) -> DetectorGeometry:
+    """``geometry`` pointed at our CXI files, for indexamajig: ``data``, ``dim0..2 = %, ss, fs``,
+    ``peak_list``/``peak_list_type = cxi`` and the per-frame ``photon_energy`` location; relative
+    ``*_file`` paths (``mask_file``, ...) made absolute (working directory, else ``base_dir``).
+    Panels, clen, res and bad regions are kept."""
+    import dataclasses
+
+    base = Path(base_dir) if base_dir is not None else None
+    extra = dict(geometry.extra)
+    for key in [k for k in extra if k.endswith("_file") and "/" not in k]:
+        path = _resolve_file(extra[key].strip(), base)
+        extra[key] = str(path.resolve())
+    return dataclasses.replace(
+        geometry,
+        data=CXI_DATA_PATH,
+        dims=("%", "ss", "fs"),
+        peak_list=CXI_PEAK_LIST,
+        peak_list_type="cxi",
+        photon_energy=CXI_PHOTON_ENERGY_PATH,
+        extra=extra,
+    )

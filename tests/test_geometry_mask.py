@@ -358,3 +358,19 @@ def test_peaknet_with_geometry_never_peaks_in_module_gaps(tmp_path):
     y = np.rint(table.y).astype(int)
     assert not np.any((x >= 487) & (x <= 493))
     assert not np.any(((y >= 195) & (y <= 211)) | ((y >= 407) & (y <= 423)))
+
+
+def test_cxi_processor_writes_the_users_geometry_for_our_cxi(tmp_path):
+    pytest.importorskip("pvaccess")
+    from peaknet_pva.pva.cxi_processor import CxiFileProcessor
+
+    path, _ = jungfrau4m_geom(tmp_path)
+    proc = CxiFileProcessor({"output_dir": str(tmp_path / "out"), "geometry": path, "min_peaks": 0})
+    proc._write_geometry_once((16, 256, 1024))
+    written = g.read_geometry(tmp_path / "out" / "peaknet.geom")
+    assert written.n_panels == 64 and written.panels == g.read_geometry(path).panels
+    assert written.data == "/entry_1/data_1/data" and written.peak_list == "/entry_1/result_1"
+    assert written.dims == ("%", "ss", "fs") and written.photon_energy == "/LCLS/photon_energy_eV"
+    assert written.extra["mask_file"] == str((tmp_path / "jf4m-mask.h5").resolve())
+    assert "bad_bs/panel" in written.extra
+    proc.writer.close()

@@ -41,7 +41,7 @@ from pvapy.hpc.userDataProcessor import UserDataProcessor
 from ..cxi import CxiWriter
 from ..errors import ConfigError
 from ..frames import PeakTable
-from ..geometry import DetectorGeometry, format_geometry, read_geometry, write_geometry
+from ..geometry import DetectorGeometry, for_cxi, format_geometry, read_geometry, write_geometry
 from .codec import OutputMeta, decode_output
 from .args import PVAPY_KEYS, _as_float, _as_int, parse_processor_args
 
@@ -322,7 +322,10 @@ class CxiFileProcessor(UserDataProcessor):
             return
         self._geometry_written = True
         p, h, w = (int(v) for v in frame_shape)
-        geometry = self._geometry or DetectorGeometry.stacked(p, (h, w))
+        if self._geometry is not None:  # the user's panels, pointed at our CXI layout
+            geometry = for_cxi(self._geometry, base_dir=Path(str(self.params.geometry)).parent)
+        else:
+            geometry = DetectorGeometry.stacked(p, (h, w))
         final = Path(self.params.output_dir) / f"{self.params.file_prefix}.geom"
         text = format_geometry(geometry)
         if final.exists():
