@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import ConfigError, FrameError, PeakNetPvaError
 from .frames import PeakTable, check_dtype
-from .geometry import DetectorGeometry, panel_to_slab, tiles_to_slab
+from .geometry import DetectorGeometry, tiles_to_slab
 
 log = logging.getLogger(__name__)
 
