@@ -210,3 +210,159 @@ def test_tuned_params_on_simulated_frames():
     pf8 = Peakfinder8(tuned_params("single"), radius=DETECTORS["single"].radius_map(), mask=~ds.bad_pixel_mask)
     m = evaluate(pf8.find_peaks(ds.frames), ds.truths)
     assert m.f1 > 0.95 and m.rmse_px < 0.3, m.as_dict()
+
+
+# ---- the sparse CPU path (method="sparse", the CPU default) against the dense reference ----
+def _assert_same_tables(a: list[PeakTable], b: list[PeakTable], tol: float = 1e-3) -> None:
+    assert len(a) == len(b)
+    for f, (ta, tb) in enumerate(zip(a, b)):
+        assert ta.n == tb.n, (f, ta.n, tb.n)
+        assert np.array_equal(ta.panel, tb.panel), f
+        assert np.array_equal(ta.npix, tb.npix), f
+        assert ta.n_overflow == tb.n_overflow, f
+        if ta.n:
+            assert np.abs(ta.y - tb.y).max() <= tol and np.abs(ta.x - tb.x).max() <= tol, f
+            assert np.allclose(ta.intensity, tb.intensity, rtol=1e-4, atol=1e-3), f
+
+
+def _both(prm, frames, **kw):
+    dense = Peakfinder8(prm, method="dense", **kw).find_peaks(frames)
+    sparse = Peakfinder8(prm, method="sparse", **kw).find_peaks(frames)
+    return dense, sparse
+
+
+@pytest.mark.parametrize("name,n", [("single", 3), ("epix10k2m", 2), ("jungfrau4m", 1)])
+def test_sparse_equals_dense_on_detector_presets(name, n):
+    """Identical peaks (counts, panels, pixel counts; positions within 1e-3 px) on seeded frames
+    of the three presets, with their tuned params, radius maps and bad-pixel masks."""
+    ds = simulate_dataset(n, detector=name, seed=7, progress=False)
+    radius = DETECTORS[name].radius_map()
+    dense, sparse = _both(tuned_params(name), ds.frames, radius=radius, mask=~ds.bad_pixel_mask)
+    assert sum(t.n for t in dense) > 0
+    _assert_same_tables(sparse, dense)
+    # "auto" is the sparse path on the CPU; frame by frame equals the batch
+    auto = Peakfinder8(tuned_params(name), radius=radius, mask=~ds.bad_pixel_mask)
+    _assert_same_tables([auto.find_peaks(f[None])[0] for f in ds.frames], dense)
+
+
+def _edge_frames(rng):
+    """Frames that exercise the sparse path's corner cases (not realistic, only hard)."""
+    base = rng.poisson(3.0, size=(3, 2, 64, 80)).astype(np.float32)
+    base[0, 0, 20:24, 30:33] += 400.0  # a spot
+    base[0, 1, 5, 5] = np.nan  # non-finite pixels
+    base[0, 1, 6, 40] = np.inf
+    base[1] = 7.0  # constant frame: sigma 0 everywhere
+    base[1, 0, 30:32, 30:32] = 50.0
+    base[2, 0] = rng.normal(100.0, 10.0, (64, 80))  # one panel continuous and bright...
+    base[2, 0][::3, ::3] += 5000.0  # ...with many hot pixels (cores have to move to the tail)
+    base[2, 0, 40:44, 40:44] += 3000.0
+    base[2, 1, 0:3, 0:3] = 900.0  # a spot in a corner (windows clipped by the panel edge)
+    return base
+
+
+@pytest.mark.parametrize(
+    "changes,kw",
+    [
+        ({}, {}),
+        ({"min_pix_count": 1}, {}),  # isolated maxima kept
+        ({"local_max_radius": 2, "window_radius": 5}, {}),
+        ({"stats_scope": "panel"}, {"radius": True}),
+        ({"sigma_clip_iterations": 1, "clip_snr": 1.5}, {}),
+        ({"max_candidates": 40, "max_num_peaks": 3, "min_pix_count": 1, "min_snr": 1.0}, {}),  # caps bind
+        ({"max_candidates": 40, "max_num_peaks": 3, "min_snr": 1.0}, {}),
+        ({"min_radius": 10.0, "max_radius": 30.0, "min_bin_pixels": 50}, {"radius": True}),
+    ],
+)
+def test_sparse_equals_dense_on_edge_cases(changes, kw):
+    rng = np.random.default_rng(11)
+    frames = _edge_frames(rng)
+    mask = np.ones((2, 64, 80), bool)
+    mask[1, 10:20, :] = False  # a masked band
+    extra = {"mask": mask}
+    if kw.get("radius"):
+        extra["radius"] = np.broadcast_to(np.hypot(*np.mgrid[0:64, 0:80] - np.array([31.5, 39.5])[:, None, None]), (2, 64, 80)).copy()
+    prm = Peakfinder8Params(min_snr=4.0, adc_threshold=2.0).replace(**changes)
+    dense, sparse = _both(prm, frames, **extra)
+    _assert_same_tables(sparse, dense)
+    # integer input (the integer-valued shortcut of the core check) and torch input
+    ints = np.nan_to_num(frames, nan=0.0, posinf=0.0).astype(np.int32)
+    _assert_same_tables(*reversed(_both(prm, ints, **extra)))
+    d_t, s_t = _both(prm, torch.from_numpy(frames), **extra)
+    _assert_same_tables(s_t, dense)
+    assert np.isnan(frames[0, 1, 5, 5])  # the caller's frames are not modified
+
+
+def test_sparse_runs_window_is_the_float32_selection():
+    """The sorted runs give exactly the pixels with ``|fl32(x - r)| <= h`` per group, including
+    ties, signed zeros, tiny values and windows whose float64 guess is off."""
+    from peaknet_pva.peakfinder8 import _Runs
+
+    rng = np.random.default_rng(5)
+    groups = 40
+    g = rng.integers(0, groups, 4000)
+    v = rng.normal(0.0, 1.0, g.size).astype(np.float32)
+    v[::7] = np.round(v[::7])  # ties
+    v[::11] = np.float32(-0.0)
+    v[::13] = rng.normal(0.0, 1e-30, v[::13].size).astype(np.float32)  # tiny values near 0
+    shift = rng.normal(0.0, 0.1, groups)
+    runs = _Runs(g, v, shift)
+    for trial in range(20):
+        r32 = rng.normal(0.0, 1.0, groups).astype(np.float32)
+        h32 = np.abs(rng.normal(0.0, 1.0, groups)).astype(np.float32)
+        if trial % 3 == 0:
+            h32 = np.abs(r32)  # window edge at 0: tiny values decide
+        if trial % 5 == 0:
+            h32[:5] = 0.0
+        lo, hi = runs.window(r32, h32)
+        cnt, s1, s2 = runs.sums(lo, hi)
+        sel = np.abs(v - r32[g]) <= h32[g]
+        e = v.astype(np.float64) - shift[g]
+        assert np.array_equal(cnt, np.bincount(g, weights=sel, minlength=groups))
+        assert np.allclose(s1, np.bincount(g, weights=e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
+        assert np.allclose(s2, np.bincount(g, weights=e * e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
+    more_g = rng.integers(0, groups, 500)
+    more_v = rng.normal(0.0, 1.0, 500).astype(np.float32)
+    runs.add(more_g, more_v)
+    g2, v2 = np.concatenate([g, more_g]), np.concatenate([v, more_v])
+    lo, hi = runs.window(np.zeros(groups, np.float32), np.ones(groups, np.float32))
+    assert np.array_equal(runs.sums(lo, hi)[0], np.bincount(g2, weights=np.abs(v2) <= 1, minlength=groups))
+
+
+def test_sparse_method_validation():
+    with pytest.raises(ConfigError, match="method"):
+        Peakfinder8(method="fast")
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sparse"):
+            Peakfinder8(method="sparse").find_peaks(torch.zeros((1, 1, 8, 8), device="cuda"))
+
+
+def _om():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _om import OmPeakfinder8, load_om
+
+    return OmPeakfinder8 if load_om() is not None else None
+
+
+def test_om_peakfinder8_agrees_when_installed():
+    """With ``ondamonitor`` (extra ``bench``): ours finds >= 99 % of the peaks of OM's C++
+    peakfinder8 on the same frames, radius map, mask and thresholds, within 0.5 px at p95."""
+    om_cls = _om()
+    if om_cls is None:
+        pytest.skip("ondamonitor not installed (pip install -e '.[bench]')")
+    ds = simulate_dataset(4, detector="single", seed=7, progress=False)
+    radius, good = DETECTORS["single"].radius_map(), ~ds.bad_pixel_mask
+    prm = tuned_params("single")
+    ours = Peakfinder8(prm, radius=radius, mask=good).find_peaks(ds.frames)
+    om = om_cls(prm, radius, good).find_peaks(ds.frames)
+    n_om = sum(t.n for t in om)
+    assert n_om > 50
+    tp, dist = 0, []
+    for a, b in zip(ours, om):
+        t, _, _, pairs = match_peaks(a, b, max_dist=1.0)
+        tp += t
+        dist.append(np.hypot(a.y[pairs[:, 0]] - b.y[pairs[:, 1]], a.x[pairs[:, 0]] - b.x[pairs[:, 1]]))
+    assert tp / n_om >= 0.99
+    assert np.percentile(np.concatenate(dist), 95) < 0.5
