@@ -259,9 +259,53 @@ def _clipped_stats(
 #: the subsample that gives each frame's guess of every group's clipped mean and sigma.
 _CORE_SIGMAS = 1.75
 _SUBSAMPLE = 128
+_GUESS_ROUNDS = 2
 
 
 _NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _neighbour_higher(
+    xf: np.ndarray, valid: np.ndarray, pk: np.ndarray, yy: np.ndarray, xx: np.ndarray,
+    edge: np.ndarray, h: int, w: int, off: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+) -> np.ndarray:
+    """For the flat pixels ``pk`` of one frame (panel rows ``yy``, columns ``xx``): is a valid
+    neighbour at one of the offsets higher? Panel borders only where ``edge``."""
+    out = np.zeros(pk.size, dtype=bool)
+    inner = np.flatnonzero(~edge)
+    if inner.size:
+        j = pk[inner, None] + off[None, :]
+        out[inner] = (valid[j] & (xf[j] > xf[pk[inner], None])).any(axis=1)
+    border = np.flatnonzero(edge)
+    if border.size:
+        ny, nx = yy[border, None] + dy[None, :], xx[border, None] + dx[None, :]
+        inb = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        j = np.where(inb, pk[border, None] + off[None, :], pk[border, None])
+        out[border] = (inb & valid[j] & (xf[j] > xf[pk[border], None])).any(axis=1)
+    return out
+
+
+def _any_neighbour(
+    flag: np.ndarray, pk: np.ndarray, yy: np.ndarray, xx: np.ndarray, edge: np.ndarray,
+    h: int, w: int, off: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+) -> np.ndarray:
+    """Is ``flag`` set at one of the in-panel neighbours (offsets) of each pixel ``pk``?"""
+    out = np.zeros(pk.size, dtype=bool)
+    inner = np.flatnonzero(~edge)
+    if inner.size:
+        out[inner] = flag[pk[inner, None] + off[None, :]].any(axis=1)
+    border = np.flatnonzero(edge)
+    if border.size:
+        ny, nx = yy[border, None] + dy[None, :], xx[border, None] + dx[None, :]
+        inb = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        out[border] = (inb & flag[np.where(inb, pk[border, None] + off[None, :], pk[border, None])]).any(axis=1)
+    return out
+
+
+def _gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``flat[idx]`` for a 1-D ``flat`` (``index_select``: several times faster than ``take`` or
+    advanced indexing on the CPU)."""
+    return flat.index_select(0, idx.reshape(-1)).reshape(idx.shape)
 
 
 def _moments(
@@ -282,12 +326,16 @@ def _integer_dtype(frames: object) -> bool:
     return isinstance(frames, np.ndarray) and frames.dtype.kind in "iub"
 
 
+def _order_bits(v: np.ndarray) -> np.ndarray:
+    """float32 values as int64 in [0, 2**32) that sort like the values (NaN never occurs)."""
+    bits = np.ascontiguousarray(v, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+
+
 def _sort_keys(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     """int64 keys that sort like (group ``g``, float32 value ``v``): the group in the high 32
-    bits, the value's bits made order-preserving in the low 32 (NaN never occurs here)."""
-    bits = np.ascontiguousarray(v, dtype=np.float32).view(np.int32).astype(np.int64)
-    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
-    return (np.asarray(g, dtype=np.int64) << 32) | bits
+    bits, the value's order bits in the low 32."""
+    return (np.asarray(g, dtype=np.int64) << 32) | _order_bits(v)
 
 
 def _clip_guess(
@@ -328,6 +376,7 @@ class _Runs:
         self.shift = shift
         self.groups = shift.size
         self.gkeys = np.arange(self.groups + 1, dtype=np.int64) << 32
+        self.g2 = np.tile(np.arange(self.groups, dtype=np.int64) << 32, 2)
         self._set(np.sort(_sort_keys(g, v)))
 
     def add(self, g: np.ndarray, v: np.ndarray) -> None:
@@ -337,8 +386,7 @@ class _Runs:
         at = np.searchsorted(self.keys, keys)
         self.keys = np.insert(self.keys, at, keys)
         self.xs = np.insert(self.xs, at, xs)
-        self.e = np.insert(self.e, at, e)
-        self.e2 = np.insert(self.e2, at, e * e)
+        self.ee = np.insert(self.ee, at, np.stack([e, e * e]), axis=1)
         self._bounds()
 
     def _decode(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -350,55 +398,62 @@ class _Runs:
     def _set(self, keys: np.ndarray) -> None:
         self.keys = keys
         xs, e = self._decode(keys)
-        self.xs = np.append(xs, np.float32(0.0))  # padded: runs may end at T
-        self.e = np.append(e, 0.0)
-        self.e2 = self.e * self.e
+        t = keys.size
+        self.xs = np.empty(t + 1, np.float32)  # padded: runs may end at T
+        self.xs[:t], self.xs[t] = xs, 0.0
+        self.ee = np.zeros((2, t + 1))  # rows: x - shift, (x - shift)^2
+        self.ee[0, :t] = e
+        np.multiply(e, e, out=self.ee[1, :t])
         self._bounds()
 
     def _bounds(self) -> None:
         bounds = np.searchsorted(self.keys, self.gkeys)
         self.start, self.stop = bounds[:-1], bounds[1:]
+        self.start2 = np.concatenate([self.start, self.start])
+        self.stop2 = np.concatenate([self.stop, self.stop])
 
     def sums(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = np.stack([lo, hi], axis=1).reshape(-1)
-        nonempty = hi > lo
-        s1 = np.where(nonempty, np.add.reduceat(self.e, idx)[::2], 0.0)
-        s2 = np.where(nonempty, np.add.reduceat(self.e2, idx)[::2], 0.0)
-        return (hi - lo).astype(np.float64), s1, s2
+        idx = np.empty(2 * lo.size, np.int64)
+        idx[0::2], idx[1::2] = lo, hi
+        r = np.add.reduceat(self.ee, idx, axis=1)[:, ::2]
+        r[:, hi <= lo] = 0.0
+        return (hi - lo).astype(np.float64), r[0], r[1]
 
-    def _first(self, pred, guess: np.ndarray) -> np.ndarray:
-        """Per group, the first index in its run where the monotone ``pred(index, group)``
-        holds (the run's end if none)."""
-        lo, hi, t = self.start, self.stop, self.xs.size - 1
-        g_all = np.arange(self.groups)
+    def window(self, r32: np.ndarray, h32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per group, the run ``[lo, hi)`` of values with ``|fl32(x - r)| <= h``: ``lo`` is the
+        first index with ``fl32(x - r) >= -h``, ``hi`` the first with ``fl32(x - r) > h``."""
+        g = self.groups
+        rr = np.concatenate([r32, r32])
+        tt = np.concatenate([-h32, h32])
+        strict = np.zeros(2 * g, dtype=bool)
+        strict[g:] = True
+        with np.errstate(invalid="ignore", over="ignore"):
+            edge = (rr.astype(np.float64) + tt).astype(np.float32)
+            guess = np.searchsorted(self.keys, self.g2 | _order_bits(edge), "left")
+        guess[g:] = np.searchsorted(self.keys, self.g2[g:] | _order_bits(edge[g:]), "right")
+        xs, lo, hi, t = self.xs, self.start2, self.stop2, self.xs.size - 1
+
+        def pred(i: np.ndarray, k: np.ndarray | None) -> np.ndarray:
+            d = xs[i] - (rr if k is None else rr[k])
+            thr = tt if k is None else tt[k]
+            return (d > thr) | ((d == thr) & ~(strict if k is None else strict[k]))
+
         right = (guess >= lo) & (guess <= hi)
-        right &= (guess >= hi) | pred(np.clip(guess, 0, t), g_all)
-        right &= (guess <= lo) | ~pred(np.clip(guess - 1, 0, t), g_all)
-        res = guess.copy()
+        right &= (guess >= hi) | pred(np.minimum(guess, t), None)
+        right &= (guess <= lo) | ~pred(np.maximum(guess - 1, 0), None)
         bad = np.flatnonzero(~right)
-        if bad.size:
+        if bad.size:  # bisection where the float64 guess is off
             a, b = lo[bad].copy(), hi[bad].copy()
             while True:
                 act = a < b
                 if not act.any():
                     break
                 mid = (a + b) // 2
-                pm = pred(np.clip(mid, 0, t), bad) & act
+                pm = pred(np.minimum(mid, t), bad) & act
                 b = np.where(pm, mid, b)
                 a = np.where(act & ~pm, mid + 1, a)
-            res[bad] = a
-        return res
-
-    def window(self, r32: np.ndarray, h32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g_all = np.arange(self.groups)
-        r64, h64 = r32.astype(np.float64), h32.astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            lo0 = np.searchsorted(self.keys, _sort_keys(g_all, (r64 - h64).astype(np.float32)), "left")
-            hi0 = np.searchsorted(self.keys, _sort_keys(g_all, (r64 + h64).astype(np.float32)), "right")
-        xs = self.xs
-        lo = self._first(lambda i, g: (xs[i] - r32[g]) >= -h32[g], lo0)
-        hi = self._first(lambda i, g: (xs[i] - r32[g]) > h32[g], hi0)
-        return lo, np.maximum(hi, lo)
+            guess[bad] = a
+        return guess[:g], np.maximum(guess[g:], guess[:g])
 
 
 def _clip_rounds(
@@ -410,6 +465,7 @@ def _clip_rounds(
     iterations: int,
     clip: float,
     check=None,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rounds of :func:`_clipped_stats` (float64 sums) over a core that every window is
     assumed to hold (count ``n_core``, sums ``s1c``, ``s2c`` of ``x - runs.shift``) plus the
@@ -421,7 +477,11 @@ def _clip_rounds(
     sigma = np.zeros(groups)
     n_sel = n_all
     prev = None
-    for it in range(iterations + 1):
+    first = 0
+    if init is not None:  # start from given statistics instead of round 0 (a guess only)
+        ref, sigma = init
+        first = 1
+    for it in range(first, iterations + 1):
         if it == 0:
             _, t1, t2 = runs.sums(runs.start, runs.stop)
         else:
@@ -633,7 +693,15 @@ class Peakfinder8:
         if ok is not None:
             keep = ok[sub]
             sub, sg = sub[keep], sg[keep]
-        c0, sig0 = _clip_guess(xf[sub].astype(np.float64), sg, groups, iters, clip)
+        zero = np.zeros(groups)
+        sample = _Runs(sg, xf[sub], zero)
+        n_sub = (sample.stop - sample.start).astype(np.float64)
+        # robust start (median, half the 16-84 % spread) from the sorted sample, then a few rounds
+        ns = sample.stop - sample.start
+        last = np.maximum(ns - 1, 0)
+        q = lambda f: sample.xs[sample.start + np.minimum((f * ns).astype(np.int64), last)].astype(np.float64)  # noqa: E731
+        med, spread = q(0.5), 0.5 * (q(0.8413) - q(0.1587))
+        c0, sig0, _ = _clip_rounds(sample, n_sub, zero, zero, zero, _GUESS_ROUNDS, clip, init=(med, spread))
         c32 = c0.astype(np.float32)
         h32 = (_CORE_SIGMAS * sig0).astype(np.float32)
         c, h = c32.astype(np.float64), h32.astype(np.float64)
@@ -748,6 +816,10 @@ class Peakfinder8:
         dy, dx = dy.reshape(-1), dx.reshape(-1)
         centre = dy.size // 2
         dy, dx = np.delete(dy, centre), np.delete(dx, centre)
+        lm_off = dy * w + dx
+        n8_dy = np.array([o[0] for o in _NEIGHBOURS_8])
+        n8_dx = np.array([o[1] for o in _NEIGHBOURS_8])
+        n8_off = n8_dy * w + n8_dx
         rows: list[np.ndarray] = []
         drop_isolated = prm.min_pix_count >= 2
         for f in range(b):
@@ -775,26 +847,23 @@ class Peakfinder8:
                 continue
             rem = pk % (h * w)
             yy, xx = rem // w, rem % w
+            edge = (yy < r) | (yy >= h - r) | (xx < r) | (xx >= w - r)
+            linked = None
             if drop_isolated:
-                # bright pixels without a bright 8-neighbour cannot be peaks (see _finish); drop
-                # them first unless the candidate cap could bind
-                linked = np.zeros(pk.size, dtype=bool)
-                bf = bright_np[f]
-                for oy, ox in _NEIGHBOURS_8:
-                    inb = (yy + oy >= 0) & (yy + oy < h) & (xx + ox >= 0) & (xx + ox < w)
-                    linked |= inb & bf[np.where(inb, pk + (oy * w + ox), pk)]
-                if pk.size <= prm.max_candidates:  # fewer local maxima than the cap
-                    pk, yy, xx, linked = pk[linked], yy[linked], xx[linked], None
-            else:
-                linked = None
-            ny, nx = yy[:, None] + dy[None, :], xx[:, None] + dx[None, :]
-            inb = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            j = np.where(inb, pk[:, None] + dy[None, :] * w + dx[None, :], pk[:, None])
-            higher = inb & valid[j] & (xf[j] > xf[pk][:, None])
-            is_max = ~higher.any(axis=1)
-            if linked is not None and np.count_nonzero(is_max) <= prm.max_candidates:
-                is_max &= linked  # the cap does not bind: drop the isolated maxima now
-            pk, yy, xx = pk[is_max], yy[is_max], xx[is_max]
+                # bright pixels without a bright 8-neighbour cannot be peaks (see _finish)
+                e1 = (yy < 1) | (yy >= h - 1) | (xx < 1) | (xx >= w - 1)
+                linked = _any_neighbour(bright_np[f], pk, yy, xx, e1, h, w, n8_off, n8_dy, n8_dx)
+                if pk.size <= prm.max_candidates:  # the cap cannot bind: drop them now
+                    pk, yy, xx, edge, linked = pk[linked], yy[linked], xx[linked], edge[linked], None
+            higher = _neighbour_higher(xf, valid, pk, yy, xx, edge, h, w, lm_off, dy, dx)
+            pk, yy, xx = pk[~higher], yy[~higher], xx[~higher]
+            if linked is not None:
+                linked = linked[~higher]
+                if pk.size > prm.max_candidates:
+                    # _finish's cap: the brightest max_candidates (ties: raster order), in order
+                    top = np.sort(np.argsort(-xf[pk], kind="stable")[: prm.max_candidates])
+                    pk, yy, xx, linked = pk[top], yy[top], xx[top], linked[top]
+                pk, yy, xx = pk[linked], yy[linked], xx[linked]
             rows.append(np.stack([np.full(pk.size, f), pk // (h * w), yy, xx], axis=1))
         ci = torch.from_numpy(np.concatenate(rows).astype(np.int64)) if rows else torch.zeros((0, 4), dtype=torch.int64)
         if any_bad:
@@ -902,7 +971,7 @@ class Peakfinder8:
         def lin_of(c: torch.Tensor) -> torch.Tensor:
             return ((c[:, 0] * p + c[:, 1]) * h + c[:, 2]) * w + c[:, 3]
 
-        cv = xflat.take(lin_of(ci))
+        cv = _gather(xflat, lin_of(ci))
         # rank: brightest first, ties by raster order (stable sort on the raster-ordered list)
         order = torch.sort(-cv, stable=True).indices
         ci, cv = ci[order], cv[order]
@@ -922,7 +991,7 @@ class Peakfinder8:
             ny, nx = ci[:, 2, None] + oy, ci[:, 3, None] + ox
             inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
             lin_nb = ((ci[:, 0, None] * p + ci[:, 1, None]) * h + ny.clamp(0, h - 1)) * w + nx.clamp(0, w - 1)
-            linked = (inside & bflat.take(lin_nb)).any(dim=1)
+            linked = (inside & _gather(bflat, lin_nb)).any(dim=1)
             ci, cv = ci[linked], cv[linked]
             if ci.shape[0] == 0:
                 return empty
@@ -937,42 +1006,55 @@ class Peakfinder8:
         inb = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         pix_w = (ci[:, 1, None, None] * h + rows.clamp(0, h - 1)[:, :, None]) * w + cols.clamp(0, w - 1)[:, None, :]
         lin_w = ci[:, 0, None, None] * n_pix + pix_w  # (N, K, K) flat index of every window pixel
-        v_w = xflat.take(lin_w)  # (N, K, K)
-        b_w = bflat.take(lin_w) & inb
-        ok_w = vflat.take(lin_w if v_per_frame else pix_w) & inb
+        v_w = _gather(xflat, lin_w)  # (N, K, K)
+        b_w = _gather(bflat, lin_w) & inb
+        ok_w = _gather(vflat, lin_w if v_per_frame else pix_w) & inb
         # geodesic dilation from the centre inside the bright pixels of the window, 2*wr rounds
-        # (stops early on the CPU once nothing changes)
-        reach = torch.zeros((n, k + 2, k + 2), dtype=torch.bool, device=dev)
-        reach[:, wr + 1, wr + 1] = True
+        # (stops early on the CPU once nothing changes); rows as bit masks (k <= 63)
+        bits = torch.bitwise_left_shift(torch.ones((), dtype=torch.int64, device=dev), torch.arange(k, device=dev))
+        brow = (b_w.to(torch.int64) * bits).sum(dim=2)  # (N, K)
+        full = (1 << k) - 1
+        reach = torch.zeros((n, k), dtype=torch.int64, device=dev)
+        reach[:, wr] = 1 << wr
         for _ in range(2 * wr):
-            rd = reach[:, :, :-2] | reach[:, :, 1:-1] | reach[:, :, 2:]
-            grown = (rd[:, :-2] | rd[:, 1:-1] | rd[:, 2:]) & b_w
-            if dev.type == "cpu" and torch.equal(grown, reach[:, 1:-1, 1:-1]):
+            hz = (reach | (reach << 1) | (reach >> 1)) & full
+            grown = hz.clone()
+            grown[:, 1:] |= hz[:, :-1]
+            grown[:, :-1] |= hz[:, 1:]
+            grown &= brow
+            if dev.type == "cpu" and torch.equal(grown, reach):
                 break
-            reach[:, 1:-1, 1:-1] = grown
-        region = reach[:, 1:-1, 1:-1]
+            reach = grown
+        region = (reach[:, :, None] & bits) != 0  # (N, K, K)
         # Merge into a better candidate connected within the window. Better = brighter; on a tie
         # (saturated plateaus) the larger window sum (the more central pixel of the blob), then
         # the earlier in raster order. Window sums in float64: exact for integer-valued frames.
+        # Checked at the region's pixels only (all inside the panel).
         wsum_c = torch.where(ok_w, v_w, torch.zeros((), device=dev)).to(torch.float64).flatten(1).sum(dim=1)
         lin_sorted, lin_order = torch.sort(lin_of(ci))
-        pos = torch.searchsorted(lin_sorted, lin_w.reshape(-1)).clamp_max(n - 1).reshape(lin_w.shape)
-        c_w = (lin_sorted.take(pos) == lin_w) & inb  # window pixels that are (kept) candidates
-        s_w = wsum_c.take(lin_order.take(pos))
-        s0 = wsum_c[:, None, None]
-        before = (offs[:, None] < 0) | ((offs[:, None] == 0) & (offs[None, :] < 0))  # (K, K)
-        v0 = cv[:, None, None]
-        tie = (v_w == v0) & ((s_w > s0) | ((s_w == s0) & before[None]))
-        better = c_w & region & ((v_w > v0) | tie)
+        r_at = torch.nonzero(region.reshape(-1)).reshape(-1)  # flat (candidate, i, j)
+        r_cand = r_at // (k * k)
+        lin_r = _gather(lin_w.reshape(-1), r_at)
+        pos = torch.searchsorted(lin_sorted, lin_r).clamp_max(n - 1)
+        is_cand = _gather(lin_sorted, pos) == lin_r
+        s_r = _gather(wsum_c, _gather(lin_order, pos))
+        s0 = _gather(wsum_c, r_cand)
+        v_r = _gather(v_w.reshape(-1), r_at)
+        v0 = _gather(cv, r_cand)
+        before = ((offs[:, None] < 0) | ((offs[:, None] == 0) & (offs[None, :] < 0))).reshape(-1)
+        tie = (v_r == v0) & ((s_r > s0) | ((s_r == s0) & _gather(before, r_at % (k * k))))
+        better = is_cand & ((v_r > v0) | tie)
+        merged = torch.zeros(n, dtype=torch.bool, device=dev)
+        merged[r_cand[better]] = True
         npix = region.flatten(1).sum(dim=1)
-        keep = ~better.flatten(1).any(dim=1) & (npix >= prm.min_pix_count) & (npix <= prm.max_pix_count)
+        keep = ~merged & (npix >= prm.min_pix_count) & (npix <= prm.max_pix_count)
 
         # ---- 7: local background, intensity, centroid ----
         ring = ok_w & ~b_w
         n_ring = ring.flatten(1).sum(dim=1)
         ring_mean = torch.where(ring, v_w, torch.zeros((), device=dev)).flatten(1).sum(dim=1) / n_ring.clamp_min(1)
-        g_c = rbin.reshape(-1).take((ci[:, 1] * h + ci[:, 2]) * w + ci[:, 3])
-        radial_bg = mean.reshape(-1).take(ci[:, 0] * mean.shape[1] + g_c)
+        g_c = _gather(rbin.reshape(-1), (ci[:, 1] * h + ci[:, 2]) * w + ci[:, 3])
+        radial_bg = _gather(mean.reshape(-1), ci[:, 0] * mean.shape[1] + g_c)
         local_bg = torch.where(n_ring >= 4, ring_mean, radial_bg)
         sig = torch.where(region, v_w - local_bg[:, None, None], torch.zeros((), device=dev))
         wts = sig.clamp_min(0.0)
