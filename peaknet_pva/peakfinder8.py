@@ -428,9 +428,9 @@ class _Runs:
         strict = np.zeros(2 * g, dtype=bool)
         strict[g:] = True
         with np.errstate(invalid="ignore", over="ignore"):
-            edge = (rr.astype(np.float64) + tt).astype(np.float32)
-            guess = np.searchsorted(self.keys, self.g2 | _order_bits(edge), "left")
-        guess[g:] = np.searchsorted(self.keys, self.g2[g:] | _order_bits(edge[g:]), "right")
+            edge = self.g2 | _order_bits((rr.astype(np.float64) + tt).astype(np.float32))
+        guess = np.searchsorted(self.keys, edge, "left")
+        guess[g:] = np.searchsorted(self.keys, edge[g:], "right")
         xs, lo, hi, t = self.xs, self.start2, self.stop2, self.xs.size - 1
 
         def pred(i: np.ndarray, k: np.ndarray | None) -> np.ndarray:
@@ -535,6 +535,7 @@ class Peakfinder8:
             raise ConfigError(f"method: must be 'auto', 'dense' or 'sparse', got {method!r}")
         self.method = method
         self._lock = threading.Lock()
+        self._torch_finish = False  # tests: steps 4-8 with torch ops on the CPU too
         self._sparse_cache: dict[tuple, dict[str, object]] = {}
         self.device = torch.device(device)
         self._radius = None if radius is None else self._as_map(radius, "radius", torch.float32)
@@ -607,6 +608,143 @@ class Peakfinder8:
         self._cache[key] = tables
         return tables
 
+
+    def _finish_np(
+        self,
+        x: np.ndarray,
+        bright: np.ndarray,
+        valid: np.ndarray,
+        ci: np.ndarray,
+        mean: np.ndarray,
+        rbin: np.ndarray,
+        shape: tuple[int, int, int, int],
+    ) -> list[PeakTable]:
+        """:meth:`_finish` in NumPy (the CPU path: the same steps, less per-call overhead).
+
+        ``x``, ``bright`` ``(B, N)``, ``valid`` ``(B or 1, N)``, ``ci`` ``(M, 4)`` int64,
+        ``mean`` ``(B, groups)``, ``rbin`` ``(N,)``.
+        """
+        b, p, h, w = shape
+        prm = self.params
+        n_pix = p * h * w
+        xflat, bflat, vflat = x.reshape(-1), bright.reshape(-1), valid.reshape(-1)
+        v_per_frame = valid.shape[0] > 1
+        empty = [PeakTable.empty(centroid="intensity") for _ in range(b)]
+
+        def lin_of(c: np.ndarray) -> np.ndarray:
+            return ((c[:, 0] * p + c[:, 1]) * h + c[:, 2]) * w + c[:, 3]
+
+        cv = xflat[lin_of(ci)]
+        order = np.argsort(-cv, kind="stable")
+        ci, cv = ci[order], cv[order]
+        order_f = np.argsort(ci[:, 0], kind="stable")
+        ci, cv = ci[order_f], cv[order_f]
+        starts = np.searchsorted(ci[:, 0], np.arange(b))
+        keep = np.arange(ci.shape[0]) - starts[ci[:, 0]] < prm.max_candidates
+        ci, cv = ci[keep], cv[keep]
+        if prm.min_pix_count >= 2 and ci.shape[0] > 0:
+            oy = np.array([o[0] for o in _NEIGHBOURS_8])
+            ox = np.array([o[1] for o in _NEIGHBOURS_8])
+            ny, nx = ci[:, 2, None] + oy, ci[:, 3, None] + ox
+            inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            lin_nb = ((ci[:, 0, None] * p + ci[:, 1, None]) * h + np.clip(ny, 0, h - 1)) * w + np.clip(nx, 0, w - 1)
+            linked = (inside & bflat[lin_nb]).any(axis=1)
+            ci, cv = ci[linked], cv[linked]
+            if ci.shape[0] == 0:
+                return empty
+        n = ci.shape[0]
+
+        # ---- 5: peak pixels in each candidate's window ----
+        wr = prm.window_radius
+        k = 2 * wr + 1
+        offs = np.arange(k) - wr
+        rows = ci[:, 2, None] + offs[None, :]
+        cols = ci[:, 3, None] + offs[None, :]
+        inb = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        pix_w = (ci[:, 1, None, None] * h + np.clip(rows, 0, h - 1)[:, :, None]) * w + np.clip(cols, 0, w - 1)[:, None, :]
+        lin_w = ci[:, 0, None, None] * n_pix + pix_w
+        v_w = xflat[lin_w]
+        b_w = bflat[lin_w] & inb
+        ok_w = vflat[lin_w if v_per_frame else pix_w] & inb
+        bits = np.left_shift(np.int64(1), np.arange(k, dtype=np.int64))
+        brow = (b_w.astype(np.int64) * bits).sum(axis=2)
+        full = (1 << k) - 1
+        reach = np.zeros((n, k), dtype=np.int64)
+        reach[:, wr] = 1 << wr
+        for _ in range(2 * wr):
+            hz = (reach | (reach << 1) | (reach >> 1)) & full
+            grown = hz.copy()
+            grown[:, 1:] |= hz[:, :-1]
+            grown[:, :-1] |= hz[:, 1:]
+            grown &= brow
+            if np.array_equal(grown, reach):
+                break
+            reach = grown
+        region = (reach[:, :, None] & bits) != 0
+        wsum_c = np.where(ok_w, v_w, np.float32(0)).astype(np.float64).reshape(n, -1).sum(axis=1)
+        lin_c = lin_of(ci)
+        lin_order = np.argsort(lin_c, kind="stable")
+        lin_sorted = lin_c[lin_order]
+        r_at = np.flatnonzero(region)
+        r_cand = r_at // (k * k)
+        lin_r = lin_w.reshape(-1)[r_at]
+        pos = np.minimum(np.searchsorted(lin_sorted, lin_r), n - 1)
+        is_cand = lin_sorted[pos] == lin_r
+        s_r = wsum_c[lin_order[pos]]
+        s0 = wsum_c[r_cand]
+        v_r = v_w.reshape(-1)[r_at]
+        v0 = cv[r_cand]
+        before = ((offs[:, None] < 0) | ((offs[:, None] == 0) & (offs[None, :] < 0))).reshape(-1)
+        tie = (v_r == v0) & ((s_r > s0) | ((s_r == s0) & before[r_at % (k * k)]))
+        merged = np.zeros(n, dtype=bool)
+        merged[r_cand[is_cand & ((v_r > v0) | tie)]] = True
+        npix = region.reshape(n, -1).sum(axis=1)
+        keep = ~merged & (npix >= prm.min_pix_count) & (npix <= prm.max_pix_count)
+
+        # ---- 7: local background, intensity, centroid (float32 like the torch path) ----
+        ring = ok_w & ~b_w
+        n_ring = ring.reshape(n, -1).sum(axis=1)
+        ring_mean = np.where(ring, v_w, np.float32(0)).reshape(n, -1).sum(axis=1) / np.maximum(n_ring, 1).astype(np.float32)
+        g_c = rbin[(ci[:, 1] * h + ci[:, 2]) * w + ci[:, 3]]
+        radial_bg = mean.reshape(-1)[ci[:, 0] * mean.shape[1] + g_c].astype(np.float32)
+        local_bg = np.where(n_ring >= 4, ring_mean, radial_bg).astype(np.float32)
+        sig = np.where(region, v_w - local_bg[:, None, None], np.float32(0))
+        wts = np.maximum(sig, np.float32(0))
+        intensity = sig.reshape(n, -1).sum(axis=1)
+        wsum = wts.reshape(n, -1).sum(axis=1)
+        dk = offs.astype(np.float32)
+        den = np.maximum(wsum, np.float32(1e-30))
+        cy = (wts.sum(axis=2) * dk[None, :]).sum(axis=1) / den
+        cx = (wts.sum(axis=1) * dk[None, :]).sum(axis=1) / den
+        keep &= wsum > 0
+
+        # ---- 8: cap per frame, strongest first ----
+        fr, pk = ci[keep, 0], ci[keep, 1]
+        yy = ci[keep, 2].astype(np.float32) + cy[keep]
+        xx = ci[keep, 3].astype(np.float32) + cx[keep]
+        it, nn = intensity[keep], npix[keep]
+        order = np.argsort(-it, kind="stable")
+        order = order[np.argsort(fr[order], kind="stable")]
+        fr, pk, yy, xx, it, nn = fr[order], pk[order], yy[order], xx[order], it[order], nn[order]
+        counts = np.bincount(fr, minlength=b)
+        within = np.arange(fr.shape[0]) - (np.cumsum(counts) - counts)[fr]
+        capped = within < prm.max_num_peaks
+        tables = []
+        start = 0
+        for f in range(b):
+            sl = slice(start, start + counts[f])
+            start += counts[f]
+            sel = capped[sl]
+            kp, ky, kx = pk[sl][sel], yy[sl][sel], xx[sl][sel]
+            o = np.lexsort((np.rint(kx.astype(np.float64)), np.rint(ky.astype(np.float64)), kp))
+            tables.append(
+                PeakTable(
+                    panel=kp[o].astype(np.uint16), y=ky[o], x=kx[o], intensity=it[sl][sel][o],
+                    npix=nn[sl][sel][o].astype(np.uint32), n_overflow=int(counts[f] - sel.sum()),
+                    centroid="intensity",
+                )
+            )
+        return tables
 
     # ---- sparse statistics (CPU) ----
     def _sparse_tables(self, shape: tuple[int, int, int]) -> dict[str, object]:
@@ -961,6 +1099,12 @@ class Peakfinder8:
         empty = [PeakTable.empty(centroid="intensity") for _ in range(b)]
         if ci.shape[0] == 0:
             return empty
+        if dev.type == "cpu" and not self._torch_finish:
+            return self._finish_np(
+                x.reshape(b, -1).numpy(), bright.reshape(b, -1).numpy(),
+                valid.reshape(valid.shape[0], -1).numpy(), ci.numpy(), mean.numpy(),
+                rbin.reshape(-1).numpy(), (b, p, h, w),
+            )
         n_pix = p * h * w
         # flat 1-D gathers (take) throughout: much faster than multi-index indexing on the CPU
         xflat = x.reshape(-1)

@@ -289,6 +289,10 @@ def test_sparse_equals_dense_on_edge_cases(changes, kw):
     _assert_same_tables(*reversed(_both(prm, ints, **extra)))
     d_t, s_t = _both(prm, torch.from_numpy(frames), **extra)
     _assert_same_tables(s_t, dense)
+    # steps 4-8 in torch (the CUDA code) on the CPU equal the NumPy version used on the CPU
+    pf8 = Peakfinder8(prm, method="dense", **extra)
+    pf8._torch_finish = True
+    _assert_same_tables(pf8.find_peaks(frames), dense, tol=1e-4)
     assert np.isnan(frames[0, 1, 5, 5])  # the caller's frames are not modified
 
 
