@@ -296,15 +296,26 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
     )
     state_path = out_dir / "last.pt"
     step, best_score, history = 0, -1.0, []
+    horizons = [[0, params.steps]]  # [first step, total steps] of each LR schedule in force
     if state_path.exists():
         # weights_only: a planted last.pt cannot run code; everything saved is tensors and plain data.
         state = torch.load(state_path, map_location=dev, weights_only=True)
-        if state["params"] != _plain(asdict(params)):
+        saved, now = dict(state["params"]), _plain(asdict(params))
+        horizon_change = saved.pop("steps") != now.pop("steps")
+        if saved != now:
             raise ConfigError(f"{state_path} was trained with other parameters; use a new --out")
+        if horizon_change and params.steps < state["step"]:
+            raise ConfigError(f"{state_path} is at step {state['step']}, past --steps {params.steps}")
         model.load_state_dict(state["model_state_dict"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best_score, history = state["step"], state["best_score"], state["history"]
+        horizons = list(state.get("horizons", [[0, state["params"]["steps"]]]))
+        if horizon_change:
+            # Only the length changed: the cosine decay continues towards the new last step.
+            log.info("resuming at step %d with a new horizon: %d steps (was %d)", step, params.steps,
+                     state["params"]["steps"])
+            horizons.append([step, params.steps])
         log.info("resuming from step %d (best score %.4f)", step, best_score)
 
     pool = (
@@ -357,13 +368,15 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
                         "best_score": best_score,
                         "history": history,
                         "params": _plain(asdict(params)),
+                        "horizons": horizons,
                     },
                     tmp,
                 )
                 tmp.replace(state_path)
             if step >= params.steps:
                 break
-    record = {"params": _plain(asdict(params)), "domain": _plain(domain.as_dict()), "history": history,
+    record = {"params": _plain(asdict(params)), "horizons": horizons, "domain": _plain(domain.as_dict()),
+              "history": history,
               "best_score": best_score, "device": str(dev)}
     (out_dir / "train.json").write_text(json.dumps(record, indent=2))
     return record

@@ -27,7 +27,13 @@ def test_train_checkpoints_and_resumes(tmp_path: Path):
     state = torch.load(out / "last.pt", weights_only=True)  # plain data: resumable without pickle code
     assert state["step"] == 2
     with pytest.raises(ConfigError, match="other parameters"):
-        train(TrainParams(steps=4, **TINY), out, device="cpu", progress=False)
+        train(TrainParams(steps=2, lr=1e-3, **TINY), out, device="cpu", progress=False)
+    # Only the horizon changed: it continues from step 2 to 4 and records the new schedule.
+    record = train(TrainParams(steps=4, **TINY), out, device="cpu", progress=False)
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert record["horizons"] == [[0, 2], [2, 4]]
+    with pytest.raises(ConfigError, match="past --steps"):
+        train(TrainParams(steps=3, **TINY), out, device="cpu", progress=False)
 
 
 def test_train_cli_resume(tmp_path: Path):
