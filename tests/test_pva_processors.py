@@ -70,6 +70,23 @@ def test_params_runtime_changes() -> None:
         p.with_changes({"min_peaks": -3})
 
 
+@pytest.mark.parametrize("change", [{"min_peaks": 2**32}, {"min_peaks": 2**31}, {"batch_timeout_ms": 1e16},
+                                    {"batch_timeout_ms": float("inf")}])
+def test_runtime_changes_are_bounded_to_what_stats_and_timeouts_hold(change) -> None:
+    """A control put that would overflow a UINT status field or a threading timeout is a refused
+    put (ConfigError, old value kept), not a dead consumer."""
+    p = PeakNetProcessorParams.from_config({})
+    with pytest.raises(ConfigError, match=next(iter(change))):
+        p.with_changes(change)
+    import dataclasses
+
+    from peaknet_pva.pva.cxi_processor import CxiProcessorParams
+
+    if "min_peaks" in change:  # the writer's configure() validates the same way (dataclasses.replace)
+        with pytest.raises(ConfigError, match="min_peaks"):
+            dataclasses.replace(CxiProcessorParams.from_config({"output_dir": "/tmp"}), **change)
+
+
 # The shipped example argument files are checked in tests/test_examples.py.
 
 

@@ -58,7 +58,14 @@ def _as_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
-def _as_int(key: str, value: Any, minimum: int | None = None) -> int:
+#: Every integer argument fits a 32-bit signed int: what pvapy's status types (UINT/INT) and C
+#: callers hold. A control-channel put of 2**32 is refused, not a crash at the next status report.
+INT_MAX = 2**31 - 1
+#: Floats stay below what ``threading`` timeouts accept (``threading.TIMEOUT_MAX`` is ~9.2e9 s).
+FLOAT_MAX = 1.0e9
+
+
+def _as_int(key: str, value: Any, minimum: int | None = None, maximum: int = INT_MAX) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     try:
@@ -69,10 +76,12 @@ def _as_int(key: str, value: Any, minimum: int | None = None) -> int:
         raise ConfigError(f"{key} must be an integer, got {value!r}") from None
     if minimum is not None and out < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {out}")
+    if out > maximum:
+        raise ConfigError(f"{key} must be <= {maximum}, got {out}")
     return out
 
 
-def _as_float(key: str, value: Any, minimum: float | None = None) -> float:
+def _as_float(key: str, value: Any, minimum: float | None = None, maximum: float = FLOAT_MAX) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be a number, got {value!r}")
     try:
@@ -81,6 +90,8 @@ def _as_float(key: str, value: Any, minimum: float | None = None) -> float:
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if not np.isfinite(out) or (minimum is not None and out < minimum):
         raise ConfigError(f"{key} must be a finite number >= {minimum}, got {value!r}")
+    if out > maximum:
+        raise ConfigError(f"{key} must be <= {maximum:g}, got {value!r}")
     return out
 
 

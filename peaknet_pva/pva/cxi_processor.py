@@ -74,7 +74,7 @@ class CxiProcessorParams:
         fix(self, "frames_per_file", _as_int("frames_per_file", self.frames_per_file, 1))
         fix(self, "min_peaks", _as_int("min_peaks", self.min_peaks, 0))
         fix(self, "max_peaks", _as_int("max_peaks", self.max_peaks, 1))
-        fix(self, "idle_close_s", _as_float("idle_close_s", self.idle_close_s, 0.0))
+        fix(self, "idle_close_s", _as_float("idle_close_s", self.idle_close_s, 0.0, 86_400.0))
         if self.geometry is not None and (not isinstance(self.geometry, str) or not self.geometry):
             raise ConfigError(f"geometry must be a CrystFEL .geom path or null, got {self.geometry!r}")
         if self.photon_energy_ev is not None:

@@ -84,9 +84,9 @@ class PeakNetProcessorParams:
         fix(self, "backend", _as_choice("backend", self.backend, BACKENDS))
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda:N', got {self.device!r}")
-        fix(self, "batch_size", _as_int("batch_size", self.batch_size, 1))
-        fix(self, "batch_timeout_ms", _as_float("batch_timeout_ms", self.batch_timeout_ms, 0.0))
-        fix(self, "num_buffers", _as_int("num_buffers", self.num_buffers, 1))
+        fix(self, "batch_size", _as_int("batch_size", self.batch_size, 1, 65536))
+        fix(self, "batch_timeout_ms", _as_float("batch_timeout_ms", self.batch_timeout_ms, 0.0, 3_600_000.0))
+        fix(self, "num_buffers", _as_int("num_buffers", self.num_buffers, 1, 64))
         fix(self, "dtype", _as_choice("dtype", self.dtype, DTYPES))
         fix(self, "compile", _as_bool("compile", self.compile))
         fix(self, "panel_shape", _as_panel_shape("panel_shape", self.panel_shape))
@@ -98,7 +98,7 @@ class PeakNetProcessorParams:
             raise ConfigError(f"photon_energy_attribute must be a name, got {self.photon_energy_attribute!r}")
         if self.photon_energy_ev is not None:
             fix(self, "photon_energy_ev", _as_float("photon_energy_ev", self.photon_energy_ev, 0.0))
-        fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1))
+        fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1, 1_000_000))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
         fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
