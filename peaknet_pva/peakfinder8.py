@@ -259,6 +259,8 @@ def _clipped_stats(
 #: the subsample that gives each frame's guess of every group's clipped mean and sigma.
 _CORE_SIGMAS = 1.75
 _SUBSAMPLE = 128
+_SUBSAMPLE_MIN = 48
+_SUBSAMPLE_FRACTION = 0.06
 _GUESS_ROUNDS = 2
 
 
@@ -372,22 +374,20 @@ class _Runs:
     sums of the runs ``[lo, hi)``.
     """
 
+    _static: dict[int, tuple[np.ndarray, ...]] = {}  # per number of groups
+
     def __init__(self, g: np.ndarray, v: np.ndarray, shift: np.ndarray) -> None:
         self.shift = shift
-        self.groups = shift.size
-        self.gkeys = np.arange(self.groups + 1, dtype=np.int64) << 32
-        self.g2 = np.tile(np.arange(self.groups, dtype=np.int64) << 32, 2)
+        self.groups = n = shift.size
+        if n not in self._static:
+            self._static[n] = (
+                np.arange(n + 1, dtype=np.int64) << 32,  # group key bounds
+                np.tile(np.arange(n, dtype=np.int64) << 32, 2),
+                np.arange(2 * n) >= n,  # strict: (lo: >=, hi: >)
+                np.tile(np.arange(2 * n), 2),
+            )
+        self.gkeys, self.g2, self.strict, self.k2x2 = self._static[n]
         self._set(np.sort(_sort_keys(g, v)))
-
-    def add(self, g: np.ndarray, v: np.ndarray) -> None:
-        """Insert more values (linear: a merge, not a new sort)."""
-        keys = np.sort(_sort_keys(g, v))
-        xs, e = self._decode(keys)
-        at = np.searchsorted(self.keys, keys)
-        self.keys = np.insert(self.keys, at, keys)
-        self.xs = np.insert(self.xs, at, xs)
-        self.ee = np.insert(self.ee, at, np.stack([e, e * e]), axis=1)
-        self._bounds()
 
     def _decode(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vb = (keys & 0xFFFFFFFF) - (1 << 31)
@@ -425,24 +425,24 @@ class _Runs:
         g = self.groups
         rr = np.concatenate([r32, r32])
         tt = np.concatenate([-h32, h32])
-        strict = np.zeros(2 * g, dtype=bool)
-        strict[g:] = True
         with np.errstate(invalid="ignore", over="ignore"):
-            edge = self.g2 | _order_bits((rr.astype(np.float64) + tt).astype(np.float32))
+            edge = self.g2 | _order_bits(rr + tt)  # float32 window ends: the first guesses
         guess = np.searchsorted(self.keys, edge, "left")
         guess[g:] = np.searchsorted(self.keys, edge[g:], "right")
         xs, lo, hi, t = self.xs, self.start2, self.stop2, self.xs.size - 1
+        strict = self.strict
 
-        def pred(i: np.ndarray, k: np.ndarray | None) -> np.ndarray:
-            d = xs[i] - (rr if k is None else rr[k])
-            thr = tt if k is None else tt[k]
-            return (d > thr) | ((d == thr) & ~(strict if k is None else strict[k]))
+        def pred(i: np.ndarray, k: np.ndarray) -> np.ndarray:
+            d = xs[i] - rr[k]
+            return (d > tt[k]) | ((d == tt[k]) & ~strict[k])
 
+        # the guess is right where pred holds at it and not just before it (within the run)
+        both = pred(np.concatenate([np.minimum(guess, t), np.maximum(guess - 1, 0)]), self.k2x2)
         right = (guess >= lo) & (guess <= hi)
-        right &= (guess >= hi) | pred(np.minimum(guess, t), None)
-        right &= (guess <= lo) | ~pred(np.maximum(guess - 1, 0), None)
+        right &= (guess >= hi) | both[: 2 * g]
+        right &= (guess <= lo) | ~both[2 * g :]
         bad = np.flatnonzero(~right)
-        if bad.size:  # bisection where the float64 guess is off
+        if bad.size:  # bisection where the float32 guess is off
             a, b = lo[bad].copy(), hi[bad].copy()
             while True:
                 act = a < b
@@ -457,7 +457,7 @@ class _Runs:
 
 
 def _clip_rounds(
-    runs: _Runs,
+    parts: list[_Runs],
     n_all: np.ndarray,
     s1c: np.ndarray,
     s2c: np.ndarray,
@@ -468,39 +468,51 @@ def _clip_rounds(
     init: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rounds of :func:`_clipped_stats` (float64 sums) over a core that every window is
-    assumed to hold (count ``n_core``, sums ``s1c``, ``s2c`` of ``x - runs.shift``) plus the
-    selected runs of ``runs``; ``n_all`` = every value's count (round 0). ``check(r32, h32)``, if
-    given, is called before each selection and may move cores into ``runs`` (it updates the
-    arrays in place). Returns ``(mean, sigma, count)``."""
-    groups = runs.groups
+    assumed to hold (count ``n_core``, sums ``s1c``, ``s2c`` of ``x - shift``) plus the selected
+    runs of the sorted ``parts`` (same ``shift``); ``n_all`` = every value's count (round 0).
+    ``check(r32, h32)``, if given, is called before each selection and may move cores into a
+    new part (updating the arrays in place). ``init``: start from these statistics instead of
+    round 0 (a guess only). Returns ``(mean, sigma, count)``."""
+    shift = parts[0].shift
+    groups = shift.size
     ref = np.zeros(groups)
     sigma = np.zeros(groups)
     n_sel = n_all
     prev = None
     first = 0
-    if init is not None:  # start from given statistics instead of round 0 (a guess only)
+    if init is not None:
         ref, sigma = init
         first = 1
     for it in range(first, iterations + 1):
         if it == 0:
-            _, t1, t2 = runs.sums(runs.start, runs.stop)
+            t1 = np.zeros(groups)
+            t2 = np.zeros(groups)
+            for part in parts:
+                _, a1, a2 = part.sums(part.start, part.stop)
+                t1 += a1
+                t2 += a2
         else:
             r32 = ref.astype(np.float32)
             h32 = (clip * sigma).astype(np.float32)
             if check is not None:
                 check(r32, h32)
-            lo, hi = runs.window(r32, h32)
+            wins = [part.window(r32, h32) for part in parts]
             if (
                 prev is not None
-                and prev[2] == runs.keys.size  # (check() moved no core into the runs)
-                and np.array_equal(lo, prev[0])
-                and np.array_equal(hi, prev[1])
+                and len(prev) == len(wins)  # (check() moved no core into a new part)
+                and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(wins, prev))
             ):
                 break  # the same selection as the last round: a fixed point, nothing changes
-            prev = (lo, hi, runs.keys.size)
-            cnt, t1, t2 = runs.sums(lo, hi)
-            n_sel = n_core + cnt
-        ref, sigma = _moments(n_sel, s1c + t1, s2c + t2, runs.shift, ref)
+            prev = wins
+            n_sel = n_core.copy()
+            t1 = np.zeros(groups)
+            t2 = np.zeros(groups)
+            for part, (lo, hi) in zip(parts, wins):
+                cnt, a1, a2 = part.sums(lo, hi)
+                n_sel += cnt
+                t1 += a1
+                t2 += a2
+        ref, sigma = _moments(n_sel, s1c + t1, s2c + t2, shift, ref)
     return ref, sigma, n_sel
 
 
@@ -763,9 +775,10 @@ class Peakfinder8:
         by_group = gidx[np.argsort(gid_np[gidx], kind="stable")]  # good pixels, group by group
         gg = gid_np[by_group]
         g_start = np.searchsorted(gg, np.arange(groups + 1))
-        # subsample: about _SUBSAMPLE good pixels per group, evenly spaced in raster order
+        # subsample: ~6 % of each group's good pixels (48 to 128), evenly spaced in raster order
         rank = np.arange(gg.size) - g_start[gg]
-        step = np.maximum(1, np.ceil(n_good / _SUBSAMPLE)).astype(np.int64)
+        want = np.clip(np.ceil(_SUBSAMPLE_FRACTION * n_good), _SUBSAMPLE_MIN, _SUBSAMPLE)
+        step = np.maximum(1, np.floor(n_good / want)).astype(np.int64)
         sub = np.sort(by_group[rank % step[gg] == 0])
         st: dict[str, object] = {
             "gid": gid,
@@ -839,7 +852,7 @@ class Peakfinder8:
         last = np.maximum(ns - 1, 0)
         q = lambda f: sample.xs[sample.start + np.minimum((f * ns).astype(np.int64), last)].astype(np.float64)  # noqa: E731
         med, spread = q(0.5), 0.5 * (q(0.8413) - q(0.1587))
-        c0, sig0, _ = _clip_rounds(sample, n_sub, zero, zero, zero, _GUESS_ROUNDS, clip, init=(med, spread))
+        c0, sig0, _ = _clip_rounds([sample], n_sub, zero, zero, zero, _GUESS_ROUNDS, clip, init=(med, spread))
         c32 = c0.astype(np.float32)
         h32 = (_CORE_SIGMAS * sig0).astype(np.float32)
         c, h = c32.astype(np.float64), h32.astype(np.float64)
@@ -864,17 +877,21 @@ class Peakfinder8:
         s2c = sums.imag.numpy().astype(np.float64)
         xt, gt = xf[t_idx], gid_np[t_idx]
         runs = _Runs(gt, xt, c)
+        parts = [runs]  # + the cores moved to the tail by check()
         n_core = n_valid - (runs.stop - runs.start)
+
+        # per group: are its core values known to be integers (the integer-valued shortcut)?
+        int_g = np.full(groups, bool(integral))
+        int_known = np.full(groups, integral is not None)
 
         def core_ends() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             """float32 values bounding every core value of each group (with margin; the nearest
-            integers inside when the frame is integer-valued), and which groups have a core."""
+            integers inside where the values are integers), and which groups have a core."""
             tol = 1e-6 * (np.abs(c) + h) + 1e-30
             lo_v, hi_v = c - h - tol, c + h + tol
-            has = n_core > 0
-            if integral:
-                lo_v, hi_v = np.ceil(lo_v), np.floor(hi_v)
-                has &= lo_v <= hi_v
+            lo_v = np.where(int_g, np.ceil(lo_v), lo_v)
+            hi_v = np.where(int_g, np.floor(hi_v), hi_v)
+            has = (n_core > 0) & (~int_g | (lo_v <= hi_v))
             return lo_v.astype(np.float32), hi_v.astype(np.float32), has
 
         ends = core_ends()
@@ -885,31 +902,39 @@ class Peakfinder8:
             lo_v, hi_v, has = ends
             return has & ~(pred(lo_v) & pred(hi_v))
 
+        def core_pixels(sel: np.ndarray) -> np.ndarray:
+            """Flat indices of the core pixels (valid, not tail) of the groups ``sel``."""
+            fi = np.flatnonzero(sel)
+            g0, g1 = st["group_start"][fi], st["group_start"][fi + 1]
+            lens = g1 - g0
+            pos = np.repeat(g0 - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+            px = st["by_group"][pos].astype(np.int64)
+            px = px[~tail[px]]
+            return px[ok[px]] if ok is not None else px
+
         def check(r32: np.ndarray, w32: np.ndarray) -> None:
-            nonlocal integral, t_idx, xt, gt, ends
+            nonlocal t_idx, xt, gt, ends
             win = lambda v: np.abs(v - r32) <= w32  # noqa: E731
             fail = outside(win)
             if not fail.any():
                 return
-            if integral is None:
-                integral = bool(np.array_equal(np.rint(xf), xf))
-                if integral:
-                    ends = core_ends()
-                    fail = outside(win)
-                    if not fail.any():
-                        return
+            unknown = fail & ~int_known
+            if unknown.any():  # are those cores integer-valued? (then the check is exact)
+                px = core_pixels(unknown)
+                v = xf[px]
+                frac = np.bincount(gid_np[px], weights=v != np.rint(v), minlength=groups) > 0
+                int_g[unknown] = ~frac[unknown]
+                int_known[unknown] = True
+                ends = core_ends()
+                fail = outside(win)
+                if not fail.any():
+                    return
             # move those cores to the tail: their pixels from the per-group lists (rare)
             fi = np.flatnonzero(fail)
-            g0, g1 = st["group_start"][fi], st["group_start"][fi + 1]
-            lens = g1 - g0
-            pos = np.repeat(g0 - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-            e_idx = st["by_group"][pos].astype(np.int64)
-            e_idx = e_idx[~tail[e_idx]]
-            if ok is not None:
-                e_idx = e_idx[ok[e_idx]]
+            e_idx = core_pixels(fail)
             tail[e_idx] = True
             xe, ge = xf[e_idx], gid_np[e_idx]
-            runs.add(ge, xe)
+            parts.append(_Runs(ge, xe, c))
             t_idx = np.concatenate([t_idx, e_idx])
             xt = np.concatenate([xt, xe])
             gt = np.concatenate([gt, ge])
@@ -918,7 +943,7 @@ class Peakfinder8:
             s2c[fi] = 0.0
             ends[2][fi] = False
 
-        ref, sigma, cnt = _clip_rounds(runs, n_valid, s1c, s2c, n_core, iters, clip, check)
+        ref, sigma, cnt = _clip_rounds(parts, n_valid, s1c, s2c, n_core, iters, clip, check)
         thr = (ref + np.maximum(prm.min_snr * sigma, prm.adc_threshold)).astype(np.float32)
         thr = np.where(cnt >= 2, thr, np.float32(np.inf))
 

@@ -324,12 +324,6 @@ def test_sparse_runs_window_is_the_float32_selection():
         assert np.array_equal(cnt, np.bincount(g, weights=sel, minlength=groups))
         assert np.allclose(s1, np.bincount(g, weights=e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
         assert np.allclose(s2, np.bincount(g, weights=e * e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
-    more_g = rng.integers(0, groups, 500)
-    more_v = rng.normal(0.0, 1.0, 500).astype(np.float32)
-    runs.add(more_g, more_v)
-    g2, v2 = np.concatenate([g, more_g]), np.concatenate([v, more_v])
-    lo, hi = runs.window(np.zeros(groups, np.float32), np.ones(groups, np.float32))
-    assert np.array_equal(runs.sums(lo, hi)[0], np.bincount(g2, weights=np.abs(v2) <= 1, minlength=groups))
 
 
 def test_sparse_method_validation():
