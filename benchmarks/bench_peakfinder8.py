@@ -16,6 +16,7 @@ positions within 1e-3 px. With ``--dense`` it also times the dense path (slow). 
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peakfinder8.py --repeats 5
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peakfinder8.py --layout epix10k2m --dense
+    python benchmarks/bench_peakfinder8.py --device cuda --repeats 10     # GPU path vs the CPU path
 
 Prints one JSON line per layout, then one summary line (median ratio over the layouts).
 """
@@ -139,6 +140,52 @@ def run_layout(name: str, n_frames: int, repeats: int, seed: int, dense: bool) -
     return row
 
 
+def run_layout_cuda(name: str, n_frames: int, repeats: int, seed: int, device: str) -> dict[str, Any]:
+    """GPU peakfinder8 (the dense path on CUDA tensors): ms per frame one frame per call and as one
+    batch, and whether its peaks are the CPU path's (equal counts, positions within 1e-3 px)."""
+    ds = simulate_dataset(n_frames, detector=name, seed=seed, progress=False)
+    frames = ds.frames
+    radius = get_detector(name).radius_map()
+    good = ~ds.bad_pixel_mask
+    prm = tuned_params(name)
+    cpu = Peakfinder8(prm, radius=radius, mask=good)
+    gpu = Peakfinder8(prm, radius=radius, mask=good, device=device)
+    ref = [cpu.find_peaks(f[None])[0] for f in frames]
+    dev_frames = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(device)
+    got = gpu.find_peaks(dev_frames)  # warm-up too
+    row: dict[str, Any] = dict(layout=name, frame=list(frames.shape[1:]), device=str(dev_frames.device),
+                               frames=n_frames, peaks=sum(t.n for t in ref), gpu_name=torch.cuda.get_device_name())
+    try:
+        row["max_pos_diff_px"] = same_peaks(got, ref)
+        row["same_as_cpu"] = True
+    except AssertionError as exc:
+        row["same_as_cpu"] = False
+        row["difference"] = str(exc)
+
+    def timed(fn) -> float:
+        ts = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    row["gpu_batch_ms_per_frame"] = round(1e3 * timed(lambda: gpu.find_peaks(dev_frames)) / n_frames, 3)
+    row["gpu_single_ms"] = round(1e3 * timed(lambda: [gpu.find_peaks(dev_frames[i : i + 1]) for i in range(n_frames)]) / n_frames, 3)
+    t_cpu = []
+    for _ in range(max(1, repeats // 2)):
+        t0 = time.perf_counter()
+        for f in frames:
+            cpu.find_peaks(f[None])
+        t_cpu.append((time.perf_counter() - t0) / n_frames)
+    row["cpu_sparse_ms"] = round(1e3 * statistics.median(t_cpu), 2)
+    row["speedup_gpu_batch_vs_cpu"] = round(row["cpu_sparse_ms"] / row["gpu_batch_ms_per_frame"], 1)
+    row["repeats"] = repeats
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layout", choices=[*LAYOUTS, "all"], default="all")
@@ -147,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dense", action="store_true", help="also time the dense reference path")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (vs OM), or cuda[:N]: the GPU path vs the CPU path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        for name in LAYOUTS if args.layout == "all" else [args.layout]:
+            row = run_layout_cuda(name, args.frames or LAYOUTS[name], args.repeats, args.seed, args.device)
+            print(json.dumps(dict(row, torch=torch.__version__)), flush=True)
+        return 0
     machine = dict(host=platform.node(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                    torch=torch.__version__, numpy=np.__version__, ondamonitor=om_version())
     ratios = []

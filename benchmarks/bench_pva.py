@@ -15,6 +15,7 @@ not keep up); ``out_fps`` = published / (last output arrival − first frame sen
 
     python benchmarks/bench_pva.py                       # both sizes, ~2 min on 2 CPU cores
     python benchmarks/bench_pva.py --case 512 --duration 5 --device cuda:0
+    python benchmarks/bench_pva.py --device cuda:0 --consumers 4 --batch-size 16   # 4 consumers, 1 GPU
 
 Loopback only (``peaknet_pva.loopback``); every process stopped by PID.
 """
@@ -71,6 +72,8 @@ def run_case(
     *,
     device: str = "cpu",
     model: str = "peaknet-atto-s",
+    consumers: int = 1,
+    batch_size: int = 4,
 ) -> dict[str, Any]:
     tag = f"bench{os.getpid()}{int(time.time() * 1000) % 1_000_000}"
     image = f"{tag}:image"
@@ -92,7 +95,7 @@ def run_case(
             "weights": _weights(),
             "device": device,
             "panel_shape": list(panel_shape),
-            "batch_size": 4,
+            "batch_size": batch_size,
             "batch_timeout_ms": 20,
             "min_peaks": 0,
             "forward_images": "all",
@@ -104,7 +107,8 @@ def run_case(
             image,
             output_channel=f"{tag}:*:output",
             status_channel=f"{tag}:*:status",
-            n_consumers=1,
+            n_consumers=consumers,
+            distributor_updates=1 if consumers > 1 else None,  # round-robin, one update each
             server_queue_size=1000,
             processor_args=args,
             report_period_s=1.0,
@@ -131,27 +135,29 @@ def run_case(
                     if mon.n_updates != last:
                         last, still = mon.n_updates, time.monotonic()
                     time.sleep(0.2)
-                status = procs.read_status(proc.status_channels[0])
+                statuses = [procs.read_status(ch) for ch in proc.status_channels]
                 published = len(mon.updates)
                 span = (mon.t_last - t0) if mon.t_last is not None else 0.0
         finally:
             # Not a drain test: a CPU PeakNet would need minutes for a full ring of big frames.
             proc.stop(timeout_s=20)
-    user = status.get("userStats", {}) or {}
-    recv = status.get("receiverStats", {}) or {}
+    users = [st.get("userStats", {}) or {} for st in statuses]
+    recvs = [st.get("receiverStats", {}) or {} for st in statuses]
+    latencies = [float(u.get("meanBatchLatencyMs", 0.0)) for u in users if u.get("meanBatchLatencyMs") is not None]
     return {
         "bench": "pva",
         "case": f"{p}x{h}x{w}-float32" if p > 1 else f"{h}x{w}-float32",
         "processor": f"peaknet ({model}, {device})" if is_peaknet else "passthrough (pvapy AdImageProcessor)",
+        "consumers": consumers,
         "source_fps": fps,
         "duration_s": round(t_sent, 2),
         "sent": sent,
         "published": published,
         "missed": sent - published,
         "out_fps": round(published / span, 2) if span > 0 else 0.0,
-        "ring_dropped": int(user.get("nDropped", 0)),
-        "n_overruns": int(recv.get("nOverruns", 0)),
-        "mean_batch_latency_ms": round(float(user.get("meanBatchLatencyMs", 0.0)), 1) if is_peaknet else None,
+        "ring_dropped": sum(int(u.get("nDropped", 0)) for u in users),
+        "n_overruns": sum(int(r.get("nOverruns", 0)) for r in recvs),
+        "mean_batch_latency_ms": round(sum(latencies) / len(latencies), 1) if is_peaknet and latencies else None,
         "omp_threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
     }
 
@@ -163,15 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="PeakNet device (default cpu)")
     ap.add_argument("--model", default="peaknet-atto-s")
     ap.add_argument("--fps", type=float, default=None, help="override the source rate of every case")
+    ap.add_argument("--consumers", type=int, default=1,
+                    help="consumer processes (pvapy -nc, frames distributed round-robin with -du 1), both processors")
+    ap.add_argument("--batch-size", type=int, default=4, help="PeakNet processor batch size")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-pva-") as tmp:
         for name in args.case or list(CASES):
             frame_shape, panel_shape, fps = CASES[name]
             fps = args.fps or fps
-            base = run_case("passthrough", frame_shape, panel_shape, fps, args.duration, Path(tmp))
+            base = run_case("passthrough", frame_shape, panel_shape, fps, args.duration, Path(tmp),
+                            consumers=args.consumers)
             print(json.dumps(base), flush=True)
             res = run_case("peaknet", frame_shape, panel_shape, fps, args.duration, Path(tmp),
-                           device=args.device, model=args.model)
+                           device=args.device, model=args.model, consumers=args.consumers,
+                           batch_size=args.batch_size)
             res["ratio_vs_passthrough"] = round(res["out_fps"] / base["out_fps"], 4) if base["out_fps"] else None
             print(json.dumps(res), flush=True)
     return 0

@@ -104,6 +104,7 @@ def test_cpu_tensor_and_integer_input_equal_numpy(spots):
     assert flat.n == int((ref[0].panel == 0).sum())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(spots):
     frames, _ = spots
