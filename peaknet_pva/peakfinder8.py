@@ -257,7 +257,7 @@ def _clipped_stats(
 
 #: The sparse statistics (CPU): core half-width in guessed sigmas, and pixels per radius group in
 #: the subsample that gives each frame's guess of every group's clipped mean and sigma.
-_CORE_SIGMAS = 1.75
+_CORE_SIGMAS = 2.0
 _SUBSAMPLE = 128
 _SUBSAMPLE_MIN = 48
 _SUBSAMPLE_FRACTION = 0.06
