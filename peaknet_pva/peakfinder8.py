@@ -69,7 +69,7 @@ import dataclasses
 import math
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -262,6 +262,8 @@ _SUBSAMPLE = 128
 _SUBSAMPLE_MIN = 48
 _SUBSAMPLE_FRACTION = 0.06
 _GUESS_ROUNDS = 2
+#: sorted sets up to this size are clipped by testing every value, larger ones by binary search
+_SMALL_RUNS = 20000
 
 
 _NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -411,6 +413,27 @@ class _Runs:
         self.start, self.stop = bounds[:-1], bounds[1:]
         self.start2 = np.concatenate([self.start, self.start])
         self.stop2 = np.concatenate([self.stop, self.stop])
+        self.empty = self.stop <= self.start
+        if self.keys.size <= _SMALL_RUNS:  # the masked rounds need every value's group
+            self.gs = np.append(self.keys >> 32, 0)
+
+    def round(self, r32: np.ndarray, h32: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        """One clipping round: ``(selection, count, s1, s2)`` of the values with
+        ``|fl32(x - r)| <= h``. Small sets test every value (few calls); large ones search the
+        run ends (``window``). ``selection`` compares equal between rounds iff it is the same."""
+        t = self.keys.size
+        if t > _SMALL_RUNS:
+            lo, hi = self.window(r32, h32)
+            return (lo, hi), *self.sums(lo, hi)
+        gs = self.gs
+        sel = np.abs(self.xs - r32[gs]) <= h32[gs]
+        sel[t] = False  # the padding
+        w = np.empty((3, t + 1))
+        w[0] = sel
+        np.multiply(self.ee, sel, out=w[1:])
+        r = np.add.reduceat(w, self.start, axis=1)
+        r[:, self.empty] = 0.0
+        return sel, r[0], r[1], r[2]
 
     def sums(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = np.empty(2 * lo.size, np.int64)
@@ -456,6 +479,12 @@ class _Runs:
         return guess[:g], np.maximum(guess[g:], guess[:g])
 
 
+def _same_selection(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    return not isinstance(b, tuple) and np.array_equal(a, b)
+
+
 def _clip_rounds(
     parts: list[_Runs],
     n_all: np.ndarray,
@@ -496,19 +525,19 @@ def _clip_rounds(
             h32 = (clip * sigma).astype(np.float32)
             if check is not None:
                 check(r32, h32)
-            wins = [part.window(r32, h32) for part in parts]
+            res = [part.round(r32, h32) for part in parts]
+            sels = [r[0] for r in res]
             if (
                 prev is not None
-                and len(prev) == len(wins)  # (check() moved no core into a new part)
-                and all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(wins, prev))
+                and len(prev) == len(sels)  # (check() moved no core into a new part)
+                and all(_same_selection(a, b) for a, b in zip(sels, prev))
             ):
                 break  # the same selection as the last round: a fixed point, nothing changes
-            prev = wins
+            prev = sels
             n_sel = n_core.copy()
             t1 = np.zeros(groups)
             t2 = np.zeros(groups)
-            for part, (lo, hi) in zip(parts, wins):
-                cnt, a1, a2 = part.sums(lo, hi)
+            for _, cnt, a1, a2 in res:
                 n_sel += cnt
                 t1 += a1
                 t2 += a2
@@ -934,10 +963,13 @@ class Peakfinder8:
             e_idx = core_pixels(fail)
             tail[e_idx] = True
             xe, ge = xf[e_idx], gid_np[e_idx]
-            parts.append(_Runs(ge, xe, c))
             t_idx = np.concatenate([t_idx, e_idx])
             xt = np.concatenate([xt, xe])
             gt = np.concatenate([gt, ge])
+            if t_idx.size <= _SMALL_RUNS:  # small: one sorted set again (cheap), fewer calls per round
+                parts[:] = [_Runs(gt, xt, c)]
+            else:  # large: a new small part beside the big one (no re-sort)
+                parts.append(_Runs(ge, xe, c))
             n_core[fi] = 0.0
             s1c[fi] = 0.0
             s2c[fi] = 0.0

@@ -325,6 +325,9 @@ def test_sparse_runs_window_is_the_float32_selection():
         assert np.array_equal(cnt, np.bincount(g, weights=sel, minlength=groups))
         assert np.allclose(s1, np.bincount(g, weights=e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
         assert np.allclose(s2, np.bincount(g, weights=e * e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
+        # the masked round (small sets) gives the same count and sums as the searched one
+        _, cnt_m, s1_m, s2_m = runs.round(r32, h32)
+        assert np.array_equal(cnt_m, cnt) and np.allclose(s1_m, s1, atol=1e-9) and np.allclose(s2_m, s2, atol=1e-9)
 
 
 def test_sparse_method_validation():
