@@ -554,6 +554,10 @@ class Peakfinder8:
         mask: optional good-pixel map, same shape, nonzero = good (bad pixels never count in the
             statistics, never peak, and are left out of peak pixels and backgrounds).
         device: where numpy input is processed (torch input stays on its own device).
+        method: ``"auto"`` (``"sparse"`` on the CPU, ``"dense"`` on CUDA), ``"sparse"`` (CPU only:
+            one pass per frame, see the module docstring; keeps ~25 bytes per pixel of tables and
+            work buffers per frame shape) or ``"dense"`` (every pixel at every clipping round; the
+            reference the sparse path is tested against). Same peaks either way.
 
     ``find_peaks(frames)`` takes ``(B, P, H, W)`` (or one ``(H, W)`` panel), numpy or torch, any
     real dtype, and returns one :class:`PeakTable` per frame. Radius and mask tables are built
