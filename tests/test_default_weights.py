@@ -48,3 +48,47 @@ def test_default_weights_find_nothing_on_blank_frames():
     finder = PeakFinder(weights="default", device="cpu", batch_size=2)
     tables = finder.find(frames[blank])
     assert sum(t.n for t in tables) <= 2 * len(blank)
+
+
+# -- robustness slice (frames from peaknet_pva.robustness, a generator written apart from training) --
+# Seeds differ from the reported matrix (seed 1000, tuning 8919). The shipped weights before the
+# robust retraining found 1600-6600 false peaks per Mpx here and F1 0.016 on base@10.
+ROBUST_SEED = 4242
+
+
+@pytest.fixture(scope="module")
+def default_finder():
+    torch.set_num_threads(2)
+    return PeakFinder(weights="default", device="cpu", batch_size=2)
+
+
+def test_default_weights_declare_the_robust_norm(default_finder):
+    assert default_finder.model.config.norm == "robust"
+
+
+@pytest.mark.parametrize("background", [0.0, 10.0, 300.0])
+@pytest.mark.parametrize("hot", [False, True])
+def test_default_weights_find_no_peaks_in_noise(default_finder, background: float, hot: bool):
+    """Noise-only 512² frames at any background, with or without hot pixels: target <= 1 false
+    peak per Mpx; two frames (0.52 Mpx) may hold at most 2."""
+    from peaknet_pva.robustness import false_peaks_per_mpix, noise_only_frames
+
+    frames = noise_only_frames(background, hot_pixels=hot, n_frames=2, seed=ROBUST_SEED)
+    tables = default_finder.find(frames)
+    n = sum(t.n for t in tables)
+    assert n <= 2, f"{n} false peaks ({false_peaks_per_mpix(tables, frames.shape):.1f}/Mpx) at bg {background}"
+
+
+def test_default_weights_on_a_mid_background_cell(default_finder):
+    """A ring background of 10 photons/px with read noise, gain 30 + pedestal (uint16), hot pixels:
+    nothing the training sampler drew with this generator's code."""
+    from peaknet_pva.robustness import Cell, cell_frames
+
+    cell = Cell(10.0, variant="ci", noise="poisson+read", hot_pixels=True, gain="g30p", density="dense")
+    frames, truths = cell_frames(cell, 1, ROBUST_SEED)
+    metrics = evaluate(default_finder.find(frames), truths)
+    assert metrics.n_truth > 100
+    # Measured 0.80 (precision 0.94) with the weights of 2026-12-02 (before them: 0.016); the
+    # issue's target is 0.95: this guards against regression, it does not claim the target.
+    assert metrics.f1 >= 0.75, metrics.as_dict()
+    assert metrics.precision >= 0.9, metrics.as_dict()
