@@ -1,9 +1,9 @@
-"""Train PeakNet on simulated still shots (no download: our own default weights come from here).
+"""Train PeakNet (no download: our own default weights come from here).
 
-Frames are simulated with exact ground truth, normalised per panel exactly as inference does
-(``preprocess``), and cut into crops centred near spots most of the time, so a small model learns
-on two CPU cores in tens of minutes. Labels are the pixels where a spot's noiseless profile
-exceeds a fraction of its peak. The loss is a focal loss: peaks cover well under 1 % of pixels.
+Crops come from fresh broad-domain panels (``augment``) and from the physical simulator's presets,
+each panel normalised exactly as inference does (``preprocess`` with the checkpoint's ``norm``).
+Labels are the pixels where a detectable spot's noiseless profile exceeds a fraction of its peak;
+the loss is a focal loss (peaks cover well under 1 % of pixels). See docs/TRAINING.md.
 
     peaknet-pva train --out runs/default --steps 3000        # resumable: run again to continue
 """
