@@ -26,7 +26,7 @@ from upstream_ref import (  # noqa: I001  (tests/ is on sys.path under pytest)
     parse_layout,
     reference_head,
     seeded_state_dict,
-    upstream_layout,
+    layout_of,
     upstream_w_q_mask,
 )
 
@@ -86,18 +86,6 @@ LAYOUT_GOLDENS = {
     "peaknet_small_lu_state_dict.txt": SMALL_LU,
 }
 
-
-def layout_of(config: PeakNetConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    return upstream_layout(
-        config.backbone_dims,
-        config.backbone_depths,
-        in_chans=config.in_chans,
-        bifpn_num_blocks=config.bifpn_num_blocks,
-        bifpn_num_features=config.bifpn_num_features,
-        seg_out_channels=config.seg_out_channels,
-        num_classes=config.num_classes,
-        uses_learned_upsample=config.uses_learned_upsample,
-    )
 
 
 def model_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:

@@ -116,6 +116,21 @@ def upstream_layout(
     return sorted(out)
 
 
+def layout_of(config) -> list[tuple[str, tuple[int, ...], str]]:
+    """``upstream_layout`` for any object with PeakNetConfig's attribute names (read by name only,
+    so this module stays independent of our model code)."""
+    return upstream_layout(
+        config.backbone_dims,
+        config.backbone_depths,
+        in_chans=config.in_chans,
+        bifpn_num_blocks=config.bifpn_num_blocks,
+        bifpn_num_features=config.bifpn_num_features,
+        seg_out_channels=config.seg_out_channels,
+        num_classes=config.num_classes,
+        uses_learned_upsample=config.uses_learned_upsample,
+    )
+
+
 def format_layout(layout: Layout) -> str:
     """One ``key shape dtype`` line per entry (shape as ``a,b,c``): the golden-file format."""
     return "".join(f"{k} {','.join(map(str, shape))} {dtype}\n" for k, shape, dtype in layout)

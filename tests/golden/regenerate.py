@@ -19,7 +19,7 @@ import torch
 GOLDEN = Path(__file__).resolve().parent
 sys.path.insert(0, str(GOLDEN.parent))
 
-from upstream_ref import format_layout, seeded_state_dict, upstream_layout  # noqa: E402
+from upstream_ref import format_layout, layout_of, seeded_state_dict  # noqa: E402
 
 from peaknet_pva.model import PRESETS, PeakNet, PeakNetConfig  # noqa: E402
 
@@ -46,18 +46,6 @@ POINTS = [
     for y, x in [(0, 0), (0, 95), (63, 0), (63, 95), (17, 42), (40, 70), (31, 32), (5, 88)]
 ]
 
-
-def layout_of(config: PeakNetConfig):
-    return upstream_layout(
-        config.backbone_dims,
-        config.backbone_depths,
-        in_chans=config.in_chans,
-        bifpn_num_blocks=config.bifpn_num_blocks,
-        bifpn_num_features=config.bifpn_num_features,
-        seg_out_channels=config.seg_out_channels,
-        num_classes=config.num_classes,
-        uses_learned_upsample=config.uses_learned_upsample,
-    )
 
 
 def small_lu_logits(config: PeakNetConfig, param_seed: int, input_seed: int, shape) -> torch.Tensor:
