@@ -81,7 +81,9 @@ class PeakNetBackend:
             return None
         bad = self.bad_pixels
         if bad.device != frames.device:
-            bad = bad.to(frames.device, non_blocking=True)
+            # Once, not per batch: no host-to-device copy of the mask in the GPU loop.
+            bad = bad.to(frames.device)
+            object.__setattr__(self, "bad_pixels", bad)
         return bad
 
     def compute(self, frames: torch.Tensor) -> torch.Tensor:
