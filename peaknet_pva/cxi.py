@@ -45,7 +45,7 @@ from .geometry import DetectorGeometry, tiles_to_slab
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CxiContents", "CxiWriter", "EV_TO_J", "read_cxi", "summarize_cxi"]
+__all__ = ["CxiContents", "CxiWriter", "EV_TO_J", "read_cxi", "summarize_cxi", "update_file_list"]
 
 #: Joules per electronvolt (exact, SI 2019).
 EV_TO_J: float = 1.602176634e-19
@@ -90,6 +90,71 @@ def _dir_fsync(directory: Path) -> None:
         os.close(fd)
 
 
+def _closed_chunks(output_dir: Path, file_prefix: str) -> list[Path]:
+    """Closed ``<prefix>-c<k>-<chunk>.cxi`` files in ``output_dir`` (any consumer), oldest first."""
+    name_re = re.compile(re.escape(f"{file_prefix}-c") + r"\d+-\d+\.cxi")
+    found: list[tuple[float, str, Path]] = []
+    for entry in os.scandir(output_dir):
+        if name_re.fullmatch(entry.name) and entry.is_file():
+            try:
+                mtime = entry.stat().st_mtime
+            except OSError:  # removed meanwhile
+                continue
+            found.append((mtime, entry.name, Path(entry.path)))
+    return [p for _, _, p in sorted(found)]
+
+
+def update_file_list(output_dir: str | os.PathLike[str], file_prefix: str = "peaknet") -> Path:
+    """Rewrite ``<output_dir>/<file_prefix>.lst``: one absolute path per closed ``.cxi`` chunk.
+
+    This is the list ``indexamajig -i`` reads (with ``dim0 = %`` CrystFEL expands the frames of each
+    file itself). Lines already in the list keep their order (new files are appended, so a reader
+    can take the new tail), lines whose file is gone are dropped, and every closed chunk of the
+    prefix in the directory is added, from every consumer (``-c1``, ``-c2``, ...), so a restart or a
+    crash between closing a chunk and updating the list is healed by the next update. Never half
+    written: the new list goes to a temporary file, is fsynced and ``os.replace``d over the old one,
+    under an ``flock`` on ``.<prefix>.lst.lock`` so the writers of one directory never lose each
+    other's lines. ``.cxi.inprogress`` files are never listed.
+    """
+    directory = Path(output_dir).absolute()
+    final = directory / f"{file_prefix}.lst"
+    lock_path = directory / f".{file_prefix}.lst.lock"
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock here: the rescan still converges at the next update
+            pass
+        closed = [str(p) for p in _closed_chunks(directory, file_prefix)]
+        present = set(closed)
+        try:
+            old = [line.strip() for line in final.read_text().splitlines() if line.strip()]
+        except (FileNotFoundError, UnicodeDecodeError):
+            old = []
+        kept = [line for line in dict.fromkeys(old) if line in present]
+        listed = set(kept)
+        lines = kept + [p for p in closed if p not in listed]
+        tmp = directory / f".{file_prefix}.lst.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as fh:
+                fh.write("".join(f"{line}\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        _dir_fsync(directory)
+    finally:
+        os.close(lock_fd)  # releases the lock
+    return final
+
+
 class CxiWriter:
     """Buffer frames + peaks and write them as chunked CXI files, ``frames_per_file`` per file.
 
@@ -101,7 +166,9 @@ class CxiWriter:
     ``(P*H, W)`` slab the file stores. Its panels may be any rectangles of that slab (ASICs, one
     large module with gaps): peaks are then clamped to the geometry panel their pixel is on
     (:func:`peaknet_pva.geometry.tiles_to_slab`). ``compression``: ``None`` or ``"gzip"`` (built into
-    every HDF5, unlike plugin filters CrystFEL may lack).
+    every HDF5, unlike plugin filters CrystFEL may lack). With ``file_list`` (default) every closed
+    chunk also refreshes ``<output_dir>/<file_prefix>.lst``, the list ``indexamajig -i`` takes
+    (:func:`update_file_list`).
 
     Example::
 
@@ -120,6 +187,7 @@ class CxiWriter:
         geometry: DetectorGeometry | None = None,
         compression: str | None = None,
         compression_level: int = 4,
+        file_list: bool = True,
     ) -> None:
         if not file_prefix or "/" in file_prefix or os.sep in file_prefix or file_prefix.startswith("."):
             raise ConfigError(f"file_prefix must be a plain file name part, got {file_prefix!r}")
@@ -141,12 +209,16 @@ class CxiWriter:
         self.geometry = geometry
         self.compression = compression
         self.compression_level = int(compression_level)
+        #: ``<output_dir>/<file_prefix>.lst`` (updated after every closed chunk), or None.
+        self.file_list: Path | None = self.output_dir / f"{file_prefix}.lst" if file_list else None
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._name_re = re.compile(
             re.escape(f"{file_prefix}-c{self.consumer_id}-") + r"(\d+)\.cxi(?:\.inprogress)?"
         )
         self._next_chunk = self._scan_next_chunk()
+        if self.file_list is not None and self._next_chunk > 0:
+            self._update_file_list()  # a restart: list what earlier runs closed
 
         #: Frames in closed ``.cxi`` files written by this writer.
         self.n_frames_written = 0
@@ -447,7 +519,16 @@ class CxiWriter:
         self.n_files_written += 1
         self.files.append(final)
         log.info("wrote %s: %d frames", final, n)
+        if self.file_list is not None:
+            self._update_file_list()
         return final
+
+    def _update_file_list(self) -> None:
+        """Refresh the ``.lst``; a failure is logged, never raised (the chunk itself is safe)."""
+        try:
+            update_file_list(self.output_dir, self.file_prefix)
+        except OSError as exc:
+            log.error("cannot update the file list %s: %s", self.file_list, exc)
 
     def _write_file(self, fh: h5py.File, n: int, chunk: int) -> None:
         assert self._data is not None and self._key is not None
