@@ -106,3 +106,27 @@ def test_planted_last_pt_is_not_unpickled(tmp_path: Path):
     with pytest.raises(Exception):
         train(TrainParams(steps=2, **TINY), out, device="cpu", progress=False)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_label_ceiling_counts_merged_labels_as_misses():
+    """Perfect labels score 1 when spots are apart; two touching spots make one component."""
+    from peaknet_pva.simulate import TruthTable
+    from peaknet_pva.train import ValItem, label_ceiling
+
+    def item(ys, xs):
+        frame = np.zeros((1, 64, 64), np.float32)
+        label = np.zeros((1, 64, 64), np.uint8)
+        for y, x in zip(ys, xs):
+            frame[0, y - 1 : y + 2, x - 1 : x + 2] = 10.0
+            frame[0, y, x] = 50.0
+            label[0, y - 1 : y + 2, x - 1 : x + 2] = 1
+        n = len(ys)
+        truth = TruthTable(panel=np.zeros(n, np.uint16), y=np.array(ys, float), x=np.array(xs, float),
+                           intensity=np.ones(n), sigma=np.ones(n), snr=np.full(n, 50.0),
+                           detectable=np.ones(n, bool))
+        return ValItem(frame, truth, None, label)
+
+    apart = label_ceiling([item([10, 40], [10, 40])])
+    assert apart["f1"] == 1.0 and apart["rmse_px"] < 1e-6
+    touching = label_ceiling([item([10, 40, 40], [10, 40, 43])])
+    assert touching["tp"] == 2 and touching["recall"] == pytest.approx(2 / 3)  # 3 spots, 2 components
