@@ -138,7 +138,7 @@ def run_demo(
         "batch_size": 4,
         "batch_timeout_ms": 100,
         "min_peaks": min_peaks,
-        "forward_images": "hits",
+        "forward_images": "hits_empty",  # every frame published: the summary scores all of them
         "ring_size": 256,
     }
     wr_args = {"output_dir": str(run_dir / "cxi"), "frames_per_file": 50, "min_peaks": min_peaks, "idle_close_s": 10}

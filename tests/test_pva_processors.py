@@ -196,7 +196,7 @@ def test_ring_full_drops_and_counts() -> None:
 
 
 def test_configure_changes_hit_threshold_and_keeps_old_on_error() -> None:
-    proc, pub = _make(dict(SMALL, min_peaks=100_000, forward_images="hits", batch_size=2, batch_timeout_ms=5))
+    proc, pub = _make(dict(SMALL, min_peaks=100_000, forward_images="hits_empty", batch_size=2, batch_timeout_ms=5))
     proc.start()
     frames = planted_frames(4, seed=6)
     for obj in _encode(frames[:2]):

@@ -187,10 +187,10 @@ def test_bad_frames_are_counted_and_good_frames_processed(tmp_path: Path) -> Non
 
 def test_configure_through_control_channel(tmp_path: Path) -> None:
     """configure {"min_peaks": 0} via the control channel turns later frames into hits (their
-    images are forwarded under forward_images=hits); an invalid value keeps the old one."""
+    images are forwarded under forward_images=hits_empty); an invalid value keeps the old one."""
     tag = unique_tag("cfg")
     image = f"{tag}:image"
-    args = dict(PEAKNET_CPU_ARGS, min_peaks=1_000_000, forward_images="hits")
+    args = dict(PEAKNET_CPU_ARGS, min_peaks=1_000_000, forward_images="hits_empty")
     frames = planted_frames(10, seed=31)
     with ReplayServer(image) as srv:
         with consumer_set(PEAKNET_CLASS, image, tag, tmp_path, role="pk", processor_args=args) as pk:

@@ -103,7 +103,12 @@ OUTPUT_EXTRA_FIELDS: dict[str, Any] = {
     "nPeaks": pva.UINT,
     "photonEnergy": pva.DOUBLE,
     "panelShape": [pva.UINT],
+    # the (P*H, W) slab when ``value`` holds an assembled view (output_image=assembled), else empty
+    "slab": ({name: [_SCALAR_BY_DTYPE[dtype]] for dtype, name in FIELD_BY_DTYPE.items()},),
 }
+
+#: areaDetector's NDAttrSource_t value for attributes computed by a plugin (ours).
+ATTR_SOURCE_FUNCT = 3
 
 
 @dataclass
@@ -122,6 +127,9 @@ class DecodedFrame:
     data_timestamp_ns: int = 0
     attributes: dict[str, Any] = field(default_factory=dict)
     photon_energy_ev: float | None = None
+    #: The input's NTAttributes as pvaccess reads them (plain dicts, types kept), passed through
+    #: unchanged to the output (``build_output``).
+    raw_attributes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def dtype(self) -> np.dtype:
@@ -181,12 +189,15 @@ def _attribute_value(value: Any) -> Any:
     return value
 
 
-def _decode_attributes(pv: Any) -> dict[str, Any]:
+def _decode_attributes(pv: Any, keep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """NTAttribute name -> plain value; with ``keep``, also appends the raw attribute dicts to it."""
     out: dict[str, Any] = {}
     try:
         attrs = pv["attribute"]
     except Exception:  # pragma: no cover - every NtNdArray has it
         return out
+    if keep is not None:
+        keep.extend(attrs)
     for attr in attrs:
         try:
             out[str(attr["name"])] = _attribute_value(attr["value"])
@@ -290,7 +301,8 @@ def decode_ntndarray(
             codec whose package is missing.
     """
     layout = layout or PanelLayout(None)
-    attributes = _decode_attributes(pv)
+    raw_attributes: list[dict[str, Any]] = []
+    attributes = _decode_attributes(pv, raw_attributes)
     unique_id = int(pv["uniqueId"])
 
     sizes = [int(d["size"]) for d in pv["dimension"]]
@@ -347,6 +359,7 @@ def decode_ntndarray(
         data_timestamp_ns=_ts_to_ns(pv["dataTimeStamp"]),
         attributes=attributes,
         photon_energy_ev=_as_float_or_none(attributes.get(photon_energy_attribute)),
+        raw_attributes=raw_attributes,
     )
 
 
@@ -410,32 +423,69 @@ def output_type() -> Any:
     return _OUTPUT_TEMPLATE.copy()
 
 
+def _our_attribute(name: str, value: Any, scalar: Any, descriptor: str) -> dict[str, Any]:
+    """An NTAttribute (as the dict pvaccess takes) for a value peaknet-pva adds to the output."""
+    return {
+        "name": name,
+        "value": ({"value": value}, {"value": scalar}),
+        "descriptor": descriptor,
+        "sourceType": ATTR_SOURCE_FUNCT,
+        "source": "peaknet_pva",
+    }
+
+
+def _dimensions(shape: tuple[int, ...], binning: int = 1) -> list[Any]:
+    return [pva.PvDimension(int(n), 0, int(n), int(binning), False) for n in reversed(shape)]
+
+
 def build_output(
     frame: DecodedFrame,
     peaks: PeakTable,
     *,
     include_image: bool,
     photon_energy_ev: float | None = None,
+    photon_energy_attribute: str = DEFAULT_PHOTON_ENERGY_ATTRIBUTE,
+    view: np.ndarray | None = None,
+    view_binning: int = 1,
 ) -> Any:
-    """Build the published object for one frame (DESIGN 2.3).
+    """Build the published object for one frame (DESIGN 2.3), as ADCore would publish the image.
 
     ``uniqueId``, ``timeStamp`` and ``dataTimeStamp`` come from ``frame``; ``photonEnergy`` is
-    ``photon_energy_ev`` if given, else the frame's, else NaN. With ``include_image`` the value
-    is the frame as the 2-D slab ``(P*H, W)``; without, an empty array of the frame's dtype and no
-    dimensions. Either way the structure is that of ``output_type()``.
+    ``photon_energy_ev`` if given, else the frame's, else NaN. Every input NTAttribute is passed
+    through unchanged (type, descriptor, source, sourceType, tags); ours are added:
+    ``ColorMode`` (0) and ``photon_energy_attribute`` (eV) when the input has none, and
+    ``PeakNetNPeaks``, ``PeakNetImage`` (``slab``/``assembled``/``none``). ``codec`` is set as
+    ADCore sets it for an uncompressed array: name ``''``, ``parameters`` = the pvData scalar type
+    of the pixels, ``compressedSize == uncompressedSize`` = bytes sent.
+
+    With ``include_image`` the value is the frame as the 2-D slab ``(P*H, W)``, or ``view`` (a
+    2-D assembled image, e.g. :class:`peaknet_pva.assemble.Assembler`) with the slab in the
+    ``slab`` field so a CXI writer still gets the pixels; without, an empty array of the frame's
+    dtype and no dimensions. Either way the structure is that of ``output_type()``.
     """
     out = output_type()
     pixels = frame.pixels
     p, h, w = pixels.shape
     union_field = FIELD_BY_DTYPE[pixels.dtype]
+    kind = "none"
     if include_image:
-        flat = pixels.reshape(-1)
+        slab = pixels.reshape(-1)
+        if view is not None:
+            view = np.ascontiguousarray(view, dtype=pixels.dtype)
+            flat = view.reshape(-1)
+            out["dimension"] = _dimensions(view.shape, max(int(view_binning), 1))
+            out["slab"] = {union_field: slab}
+            kind = "assembled"
+        else:
+            flat = slab
+            out["dimension"] = _dimensions((p * h, w))
+            kind = "slab"
         out["value"] = {union_field: flat}
-        out["dimension"] = [pva.PvDimension(w, 0, w, 1, False), pva.PvDimension(p * h, 0, p * h, 1, False)]
         nbytes = int(flat.size * flat.itemsize)
     else:
         out["value"] = {union_field: np.zeros(0, pixels.dtype)}
         nbytes = 0
+    out["codec"] = {"name": "", "parameters": pva.PvInt(int(_SCALAR_BY_DTYPE[pixels.dtype]))}
     out["compressedSize"] = nbytes
     out["uncompressedSize"] = nbytes
     out["uniqueId"] = int(frame.unique_id)
@@ -444,10 +494,16 @@ def build_output(
     if photon_energy_ev is None:
         photon_energy_ev = frame.photon_energy_ev
     energy = float("nan") if photon_energy_ev is None else float(photon_energy_ev)
-    out["attribute"] = [
-        pva.NtAttribute("ColorMode", pva.PvInt(COLOR_MODE_MONO)),
-        pva.NtAttribute(DEFAULT_PHOTON_ENERGY_ATTRIBUTE, pva.PvDouble(energy)),
-    ]
+    attributes = list(frame.raw_attributes)
+    names = {str(a.get("name", "")) for a in attributes}
+    if "ColorMode" not in names:
+        attributes.append(_our_attribute("ColorMode", COLOR_MODE_MONO, pva.INT, "Color mode"))
+    if photon_energy_attribute not in names:
+        attributes.append(_our_attribute(photon_energy_attribute, energy, pva.DOUBLE, "Photon energy (eV)"))
+    attributes.append(_our_attribute("PeakNetNPeaks", int(peaks.n), pva.INT, "Bragg peaks found by peaknet-pva"))
+    binning = f", binned {view_binning}x{view_binning}" if kind == "assembled" and view_binning > 1 else ""
+    attributes.append(_our_attribute("PeakNetImage", kind, pva.STRING, f"image payload: slab, assembled or none{binning}"))
+    out["attribute"] = attributes
     out["peaks"] = {
         "panel": peaks.panel,
         "y": peaks.y,
@@ -459,6 +515,18 @@ def build_output(
     out["photonEnergy"] = energy
     out["panelShape"] = np.array([h, w], dtype=np.uint32)
     return out
+
+
+def _slab_field(pv: Any) -> np.ndarray | None:
+    """The ``slab`` field's pixels (flat), or None when it is empty or absent."""
+    try:
+        selected = pv.getSelectedUnionFieldName("slab")
+    except Exception:  # an older output structure without the field
+        return None
+    if not selected:
+        return None
+    data = np.asarray(pv["slab"][0][selected])
+    return data if data.size else None
 
 
 def decode_output(pv: Any) -> tuple[PeakTable, OutputMeta]:
@@ -481,8 +549,14 @@ def decode_output(pv: Any) -> tuple[PeakTable, OutputMeta]:
         npix=np.array(pk["npix"], dtype=np.uint32),
     )
     image = None
-    if len(pv["dimension"]) > 0:
-        layout = PanelLayout(panel_shape if len(panel_shape) == 2 and min(panel_shape) > 0 else None)
+    layout = PanelLayout(panel_shape if len(panel_shape) == 2 and min(panel_shape) > 0 else None)
+    slab = _slab_field(pv)
+    if slab is not None:  # value is an assembled view: the pixels are in the slab field
+        if layout.panel_shape is None or slab.size % (layout.panel_shape[0] * layout.panel_shape[1]):
+            raise FrameError(f"slab of {slab.size} values does not fit panelShape {panel_shape}")
+        h, w = layout.panel_shape
+        image = np.array(slab.reshape(-1, h, w), copy=True)
+    elif len(pv["dimension"]) > 0:
         image = decode_ntndarray(pv, layout, check_finite=False).pixels
     meta = OutputMeta(
         unique_id=int(pv["uniqueId"]),

@@ -34,7 +34,11 @@ from ..frames import PanelLayout, PeakTable
 from .args import PVAPY_KEYS, _as_bool, _as_choice, _as_float, _as_int, _as_panel_shape, parse_processor_args
 from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, DecodedFrame, build_output, decode_ntndarray, output_type
 
-FORWARD_IMAGES = ("all", "hits", "none")
+#: all: every frame published with its image; hits: only hits published (with their image), non-hits
+#: counted in nNotPublished; hits_empty: every frame published, non-hits as an empty value with their
+#: peaks; none: every frame published without its image (a peak stream).
+FORWARD_IMAGES = ("all", "hits", "hits_empty", "none")
+OUTPUT_IMAGES = ("slab", "assembled")
 MASK_CONVENTIONS = ("om", "nonzero_bad", "crystfel")  # geometry.MASK_CONVENTIONS
 CENTROIDS = ("mask", "intensity")
 BACKENDS = ("peaknet", "peakfinder8")
@@ -62,6 +66,8 @@ class PeakNetProcessorParams:
     min_peaks: int = 10
     max_peaks: int = 2048
     forward_images: str = "hits"
+    output_image: str = "slab"
+    assembled_max_px: int = 1024
     photon_energy_attribute: str = DEFAULT_PHOTON_ENERGY_ATTRIBUTE
     photon_energy_ev: float | None = None
     ring_size: int = 256
@@ -94,6 +100,8 @@ class PeakNetProcessorParams:
         fix(self, "min_peaks", _as_int("min_peaks", self.min_peaks, 0))
         fix(self, "max_peaks", _as_int("max_peaks", self.max_peaks, 1))
         fix(self, "forward_images", _as_choice("forward_images", self.forward_images, FORWARD_IMAGES))
+        fix(self, "output_image", _as_choice("output_image", self.output_image, OUTPUT_IMAGES))
+        fix(self, "assembled_max_px", _as_int("assembled_max_px", self.assembled_max_px, 16, 65536))
         if not isinstance(self.photon_energy_attribute, str) or not self.photon_energy_attribute:
             raise ConfigError(f"photon_energy_attribute must be a name, got {self.photon_energy_attribute!r}")
         if self.photon_energy_ev is not None:
@@ -191,6 +199,7 @@ class _Stats:
         self.n_peaks = 0
         self.n_hits = 0
         self.n_images_forwarded = 0
+        self.n_not_published = 0
         self.n_peak_overflow = 0
         self.n_publish_errors = 0
         self.n_engine_errors = 0
@@ -262,6 +271,8 @@ class PeakNetImageProcessor(AdImageProcessor):
             mask_dataset=p.mask_dataset,
         )
         self.pipeline = self.finder.pipeline
+        self._geometry = getattr(self.finder, "geometry", None)  # for output_image: assembled
+        self._assembler: Any = None
         # a geometry fixes the tiles (and the whole frame shape): decode frames with them
         self._frame_shape = getattr(self.finder, "frame_shape", None)
         self._layout = PanelLayout(getattr(self.finder, "panel_shape", None) or p.panel_shape)
@@ -410,6 +421,7 @@ class PeakNetImageProcessor(AdImageProcessor):
                 "nPeaks": int(st.n_peaks),
                 "nHits": int(st.n_hits),
                 "nImagesForwarded": int(st.n_images_forwarded),
+                "nNotPublished": int(st.n_not_published),
                 "nPeakOverflow": int(st.n_peak_overflow),
                 "nPublishErrors": int(st.n_publish_errors),
                 "nEngineErrors": int(st.n_engine_errors),
@@ -433,6 +445,7 @@ class PeakNetImageProcessor(AdImageProcessor):
             "nPeaks": pva.ULONG,
             "nHits": pva.UINT,
             "nImagesForwarded": pva.UINT,
+            "nNotPublished": pva.UINT,
             "nPeakOverflow": pva.UINT,
             "nPublishErrors": pva.UINT,
             "nEngineErrors": pva.UINT,
@@ -534,11 +547,43 @@ class PeakNetImageProcessor(AdImageProcessor):
             for item, peaks in zip(items, res.peaks):
                 self._publish(item, peaks)
 
+    def _view(self, frame: DecodedFrame) -> tuple[np.ndarray | None, int]:
+        """The assembled image of ``frame`` (output_image: assembled), or (None, 1) if it cannot be."""
+        from ..assemble import Assembler
+
+        shape = frame.pixels.shape
+        asm = self._assembler
+        if asm is None or asm.frame_shape != shape or asm.max_px != self.params.assembled_max_px:
+            try:
+                geometry = self._geometry
+                if geometry is not None and geometry.slab_shape != (shape[0] * shape[1], shape[2]):
+                    geometry = None
+                asm = Assembler(shape, geometry, self.params.assembled_max_px)
+            except ValueError as exc:
+                self.logger.error("processor %s: cannot assemble frames %s, sending the slab: %s", self._processor_id, shape, exc)
+                return None, 1
+            self._assembler = asm
+        return asm(frame.pixels), asm.binning
+
     def _publish(self, item: _Item, peaks: PeakTable) -> None:
         params = self.params
         n = peaks.n
         hit = n >= params.min_peaks
-        fwd = params.forward_images == "all" or (params.forward_images == "hits" and hit)
+        mode = params.forward_images
+        fwd = mode == "all" or (mode in ("hits", "hits_empty") and hit)
+        if not (fwd or mode in ("hits_empty", "none")):
+            # forward_images: hits: a non-hit is not published (an empty NTNDArray is an error to
+            # image viewers); counted, and its peaks are in the stats
+            now = time.monotonic()
+            with self._stats_lock:
+                st = self._stats
+                st.n_processed += 1
+                st.n_peaks += n
+                st.n_not_published += 1
+                st.n_peak_overflow += int(peaks.n_overflow)
+                st.frame_latency_s += now - item.t_in
+                st.t_last_out = now
+            return
         energy = item.frame.photon_energy_ev
         if energy is None:
             energy = params.photon_energy_ev
@@ -550,7 +595,13 @@ class PeakNetImageProcessor(AdImageProcessor):
                     self._processor_id,
                     params.photon_energy_attribute,
                 )
-        out = build_output(item.frame, peaks, include_image=fwd, photon_energy_ev=energy)
+        view, binning = (None, 1)
+        if fwd and params.output_image == "assembled":
+            view, binning = self._view(item.frame)
+        out = build_output(
+            item.frame, peaks, include_image=fwd, photon_energy_ev=energy,
+            photon_energy_attribute=params.photon_energy_attribute, view=view, view_binning=binning,
+        )
         try:
             self.updateOutputChannel(out)
         except Exception as exc:  # pragma: no cover - pvapy already catches
