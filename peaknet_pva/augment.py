@@ -19,9 +19,10 @@ that nothing but spot *shape against local noise* is a reliable cue:
 
 Labels: the pixels where a *detectable* spot's noiseless profile is at least ``label_fraction`` of
 its peak pixel, never on a masked, hot or zeroed pixel. A spot is detectable when either its peak
-pixel (the simulator's rule, ``peak / sqrt(background + read_noise² + 1)``) or its whole label
-region (``S / sqrt(S + B + n·read_noise² + 1)``, photons summed over the ``n`` label pixels: what
-an integrating finder sees, and what matters for wide spots) reaches ``detect_snr``. Everything is a pure function of ``numpy.random.Generator``, so a
+pixel (the simulator's rule, ``peak / sqrt(background + read_noise² + 1)``) or its core region
+(profile >= ``detect_fraction`` of the peak; ``S / sqrt(S + B + n·read_noise² + 1)``, photons
+summed over the ``n`` core pixels: what an integrating finder sees, and what matters for wide
+spots) reaches ``detect_snr``. Everything is a pure function of ``numpy.random.Generator``, so a
 training step's batch depends only on ``(seed, step)``: runs are reproducible and resumable.
 """
 
@@ -67,6 +68,9 @@ class DomainParams:
     declare_mask_prob: float = 0.5
     detect_snr: float = 6.0
     label_fraction: float = 0.3
+    # Region of the integrated-SNR detectability test, kept apart from the label footprint so
+    # that smaller labels (fewer touching spots) do not also change which spots count.
+    detect_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         if not 8 <= self.panel_min <= self.panel_max:
@@ -75,6 +79,9 @@ class DomainParams:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ConfigError(f"{name}: need 0 < low <= high, got {(lo, hi)}")
+        for name in ("label_fraction", "detect_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}: need 0 < value < 1, got {getattr(self, name)}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -179,8 +186,8 @@ def _spots(
     photons = snr * noise / peak_prof
     vals = prof * photons[:, None, None] * inside
     np.add.at(img.reshape(-1), flat[inside], vals[inside])
-    # Integrated SNR over the label region (profile >= label_fraction x peak).
-    region = (prof >= p.label_fraction * peak_prof[:, None, None]) & inside
+    # Integrated SNR over the spot's core (profile >= detect_fraction x peak).
+    region = (prof >= p.detect_fraction * peak_prof[:, None, None]) & inside
     s_reg = (vals * region).reshape(n, -1).sum(1)
     b_reg = (bg.reshape(-1)[flat] * region).reshape(n, -1).sum(1)
     n_reg = region.reshape(n, -1).sum(1)

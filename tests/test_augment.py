@@ -68,3 +68,18 @@ def test_bad_ranges_are_refused():
         DomainParams(background=(0.0, 1.0))
     with pytest.raises(ConfigError):
         DomainParams(panel_min=4)
+
+
+def test_smaller_labels_keep_the_same_detectable_spots():
+    """label_fraction shrinks the footprint only; which spots count is set by detect_fraction."""
+    wide, narrow = DomainParams(label_fraction=0.3), DomainParams(label_fraction=0.6)
+    shrunk = 0
+    for seed in range(6):
+        a = sample_panel(np.random.default_rng(seed), wide, shape=(128, 128))
+        b = sample_panel(np.random.default_rng(seed), narrow, shape=(128, 128))
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.detectable, b.detectable)
+        assert not (b.label & ~a.label).any()  # narrow labels lie inside the wide ones
+        shrunk += int(a.label.sum() - b.label.sum())
+    assert shrunk > 0
+    with pytest.raises(ConfigError, match="label_fraction"):
+        DomainParams(label_fraction=1.5)
