@@ -32,6 +32,7 @@ from pvapy.hpc.adImageProcessor import AdImageProcessor
 from ..errors import ConfigError, FrameError
 from ..frames import PanelLayout, PeakTable
 from .args import PVAPY_KEYS, _as_bool, _as_choice, _as_float, _as_int, _as_panel_shape, parse_processor_args
+from .lifecycle import create_output_channel, install_stop_handlers
 from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, DecodedFrame, build_output, decode_ntndarray, output_type
 
 #: all: every frame published with its image; hits: only hits published (with their image), non-hits
@@ -43,6 +44,19 @@ MASK_CONVENTIONS = ("om", "nonzero_bad", "crystfel")  # geometry.MASK_CONVENTION
 CENTROIDS = ("mask", "intensity")
 BACKENDS = ("peaknet", "peakfinder8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def _declared_pixels(pv_object: Any) -> int | None:
+    """Pixels an NtNdArray declares in its ``dimension`` field (None if it cannot be read):
+    checked against ``max_frame_mpix`` before anything is decoded or decompressed."""
+    try:
+        dims = pv_object["dimension"]
+        n = 1
+        for d in dims:
+            n *= max(int(d["size"]), 0)
+        return n if dims else None
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class PeakNetProcessorParams:
     photon_energy_attribute: str = DEFAULT_PHOTON_ENERGY_ATTRIBUTE
     photon_energy_ev: float | None = None
     ring_size: int = 256
+    max_frame_mpix: float = 40.0
+    max_inflight_mb: float = 2048.0
     per_event_norm: bool = False
     norm: str = "auto"
     peakfinder8: str | dict[str, Any] | None = None
@@ -107,6 +123,8 @@ class PeakNetProcessorParams:
         if self.photon_energy_ev is not None:
             fix(self, "photon_energy_ev", _as_float("photon_energy_ev", self.photon_energy_ev, 0.0))
         fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1, 1_000_000))
+        fix(self, "max_frame_mpix", _as_float("max_frame_mpix", self.max_frame_mpix, 0.001, 100_000.0))
+        fix(self, "max_inflight_mb", _as_float("max_inflight_mb", self.max_inflight_mb, 1.0, 16_000_000.0))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
         fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
@@ -138,9 +156,19 @@ class IdGapCounter:
     pvapy's data distributor hands each of N consumers ``K`` consecutive updates in turn, so
     consumer k sees blocks of K ids every ``T = N*K`` ids (pvapy passes ``objectIdOffset =
     (N-1)*K + 1`` and ``nSequentialUpdates = K``). Ids in ``(last, new)`` that fall on this
-    consumer's blocks (phase set by the first id seen) were missed. An id off the pattern, or
-    going backwards, re-bases the pattern at that id (a restart or a re-balanced distributor).
+    consumer's blocks (phase set by the first id seen) were missed. An id off the pattern re-bases
+    the pattern at that id (a re-balanced distributor).
+
+    Only upstream loss is counted: every update that arrived counts as seen, bad frames included
+    (the caller passes their id too), and an id that arrives late (out of order) is taken back out
+    of ``missed`` (``reordered`` counts it). An id far behind the newest one
+    (more than ``RESTART_WINDOW`` periods) is a restarted source: the pattern starts again there.
     """
+
+    #: Remember at most this many missing ids (to take them back when they arrive late).
+    MAX_REMEMBERED = 4096
+    #: An id this many periods behind the newest is a source restart, not a late update.
+    RESTART_WINDOW = 64
 
     def __init__(self, n_sequential: int = 1, id_offset: int = 1) -> None:
         self.k = max(1, int(n_sequential))
@@ -148,19 +176,46 @@ class IdGapCounter:
         self.base: int | None = None
         self.last: int | None = None
         self.missed = 0
+        self.reordered = 0
+        self._missing: set[int] = set()
+        self._missing_order: deque[int] = deque()
 
     def _mine_before(self, x: int) -> int:
         assert self.base is not None
         q, r = divmod(x - self.base, self.period)
         return q * self.k + min(r, self.k)
 
+    def _remember(self, lo: int, hi: int, gap: int) -> None:
+        """Remember this consumer's ids in ``[lo, hi)`` as missing (if there are not too many)."""
+        if gap > self.MAX_REMEMBERED or self.base is None:
+            return
+        for x in range(lo, hi):
+            if (x - self.base) % self.period < self.k:
+                self._missing.add(x)
+                self._missing_order.append(x)
+        while len(self._missing_order) > self.MAX_REMEMBERED:
+            self._missing.discard(self._missing_order.popleft())
+
     def update(self, uid: int) -> int:
         """Record ``uid``; return how many of this consumer's ids were skipped before it."""
-        if self.last is None or uid <= self.last:
+        if self.last is not None and uid <= self.last:
+            if uid in self._missing:  # late, not lost
+                self._missing.discard(uid)
+                self.missed = max(self.missed - 1, 0)
+                self.reordered += 1
+                return 0
+            if self.last - uid <= self.RESTART_WINDOW * self.period:
+                self.reordered += 1  # a duplicate, or late and never counted: not a loss either
+                return 0
+        if self.last is None or uid <= self.last:  # first id, or the source restarted
             self.base = uid
             self.last = uid
+            self._missing.clear()
+            self._missing_order.clear()
             return 0
         gap = self._mine_before(uid) - self._mine_before(self.last + 1)
+        if gap > 0:
+            self._remember(self.last + 1, uid, gap)
         if (uid - self.base) % self.period >= self.k:
             self.base = uid
         self.last = uid
@@ -172,12 +227,19 @@ class IdGapCounter:
         self.base = None
         self.last = None
         self.missed = 0
+        self.reordered = 0
+        self._missing.clear()
+        self._missing_order.clear()
 
 
 @dataclass
 class _Item:
     frame: DecodedFrame
     t_in: float  # time.monotonic() when process() received it
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.frame.pixels.nbytes)
 
     @property
     def key(self) -> tuple[tuple[int, ...], np.dtype]:
@@ -233,9 +295,12 @@ class PeakNetImageProcessor(AdImageProcessor):
         # Created before anything can call process() (it may run before start() returns).
         self._cond = threading.Condition()
         self._ring: deque[_Item] = deque()
+        self._inflight_bytes = 0  # pixel bytes of frames admitted and not yet published or lost
         self._stopping = False
         self._engine: threading.Thread | None = None
         self._engine_error: BaseException | None = None
+        self._engine_err_last_log = 0.0
+        self._pending: dict[int, _Item] = {}  # taken off the ring, not yet published (engine thread only)
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._ids = IdGapCounter(config.get("nSequentialUpdates", 1), config.get("objectIdOffset", 1))
@@ -245,6 +310,8 @@ class PeakNetImageProcessor(AdImageProcessor):
         self._drops_since_log = 0
         self._warned_no_energy = False
         self._warmed_up = False
+        # SIGTERM (and, in a forked consumer, a dead parent) stop this consumer like SIGINT does
+        self._stop_handlers = install_stop_handlers(f"processor {self._processor_id}", self.logger)
 
         self.device_name = self._resolve_device(self.params.device)
         from ..finder import PeakFinder  # torch: imported in the consumer process only
@@ -324,6 +391,11 @@ class PeakNetImageProcessor(AdImageProcessor):
         """Start the engine thread (pvapy calls this before the input monitor starts)."""
         if self._engine is not None:
             return
+        try:  # clients (writers, c2dv) can connect before the first frame
+            create_output_channel(self, output_type())
+        except Exception as exc:
+            self.logger.warning("processor %s: output channel not created at start (pvapy will at the first frame): %s",
+                                self._processor_id, exc)
         self._engine = threading.Thread(target=self._engine_main, name=f"peaknet-engine-{self._processor_id}", daemon=True)
         self._engine.start()
 
@@ -335,30 +407,70 @@ class PeakNetImageProcessor(AdImageProcessor):
         if st.t_first_in is None:
             st.t_first_in = t_in
         params = self.params
+        max_px = params.max_frame_mpix * 1e6
         try:
+            declared = _declared_pixels(pvObject)
+            if declared is not None and declared > max_px:
+                raise FrameError(
+                    f"frame of {declared / 1e6:.1f} Mpx is larger than max_frame_mpix={params.max_frame_mpix:g}: "
+                    "not decoded (raise max_frame_mpix if this detector is that large)"
+                )
             frame = decode_ntndarray(pvObject, self._layout, photon_energy_attribute=params.photon_energy_attribute)
+            if frame.pixels.size > max_px:
+                raise FrameError(
+                    f"frame of {frame.pixels.size / 1e6:.1f} Mpx is larger than max_frame_mpix={params.max_frame_mpix:g}"
+                )
             if self._frame_shape is not None and frame.pixels.shape != self._frame_shape:
                 raise FrameError(
                     f"frame of panels {frame.pixels.shape} does not fit the geometry/mask {self._frame_shape} (P, H, W)"
                 )
         except FrameError as exc:
             st.n_bad_frames += 1
+            self._note_id_of_bad(pvObject)
             self._log_bad_frame(exc)
             return None
         except Exception as exc:  # not an NtNdArray at all
             st.n_bad_frames += 1
+            self._note_id_of_bad(pvObject)
             self._log_bad_frame(FrameError(f"cannot decode update: {exc!r}"))
             return None
         self._ids.update(frame.unique_id)
+        item = _Item(frame, t_in)
+        nbytes = item.nbytes
         with self._cond:
             full = len(self._ring) >= params.ring_size
-            if not (self._stopping or full):
-                self._ring.append(_Item(frame, t_in))
+            over = self._inflight_bytes + nbytes > params.max_inflight_mb * 1e6 and self._inflight_bytes > 0
+            dead = self._engine_error is not None
+            if not (self._stopping or full or over or dead):
+                self._ring.append(item)
+                self._inflight_bytes += nbytes
                 self._cond.notify()
                 return None
             st.n_dropped += 1
-        self._log_drop(frame.unique_id, "ring full" if full else "stopping")
+        if dead:
+            why = "engine thread is dead"
+        elif full:
+            why = "ring full"
+        elif over:
+            why = f"over max_inflight_mb={params.max_inflight_mb:g} of frames in flight"
+        else:
+            why = "stopping"
+        self._log_drop(frame.unique_id, why)
         return None
+
+    def _note_id_of_bad(self, pvObject: Any) -> None:
+        """A bad frame still arrived: record its uniqueId (if it has one) so it is not 'missed'."""
+        try:
+            uid = int(pvObject["uniqueId"])
+        except Exception:
+            return
+        self._ids.update(uid)
+
+    def _release_items(self, items: list[_Item]) -> None:
+        """Frames that left the engine (published or lost): free their share of the byte budget."""
+        freed = sum(item.nbytes for item in items)
+        with self._cond:
+            self._inflight_bytes = max(self._inflight_bytes - freed, 0)
 
     def stop(self) -> None:
         """Finish and publish every queued frame, then release the model."""
@@ -376,6 +488,14 @@ class PeakNetImageProcessor(AdImageProcessor):
         else:
             self._drain_without_engine()
         self._release()
+        if self._stop_handlers is not None:
+            self._stop_handlers.close()
+        st = self._stats
+        self.logger.warning(
+            "processor %s: stopped%s: %d frames in, %d processed, %d dropped, %d bad, %d engine errors",
+            self._processor_id, f" ({self._stop_handlers.reason})" if self._stop_handlers and self._stop_handlers.reason else "",
+            st.n_frames_in, st.n_processed, st.n_dropped, st.n_bad_frames, st.n_engine_errors,
+        )
 
     def configure(self, configDict: Any) -> None:
         """Change ``min_peaks``, ``forward_images``, ``centroid`` or ``batch_timeout_ms``.
@@ -417,6 +537,7 @@ class PeakNetImageProcessor(AdImageProcessor):
                 "nDropped": int(st.n_dropped),
                 "nBadFrames": int(st.n_bad_frames),
                 "nMissedIds": int(self._ids.missed),
+                "nReorderedIds": int(self._ids.reordered),
                 "nBatches": int(st.n_batches),
                 "nPeaks": int(st.n_peaks),
                 "nHits": int(st.n_hits),
@@ -426,6 +547,8 @@ class PeakNetImageProcessor(AdImageProcessor):
                 "nPublishErrors": int(st.n_publish_errors),
                 "nEngineErrors": int(st.n_engine_errors),
                 "ringFill": int(len(self._ring)),
+                "inflightMB": float(self._inflight_bytes / 1e6),
+                "engineAlive": int(self._engine is not None and self._engine.is_alive()),
                 "hitRate": float(st.n_hits / n) if n else 0.0,
                 "meanBatchLatencyMs": float(1e3 * st.batch_latency_s / st.n_batches) if st.n_batches else 0.0,
                 "meanFrameLatencyMs": float(1e3 * st.frame_latency_s / n) if n else 0.0,
@@ -441,6 +564,7 @@ class PeakNetImageProcessor(AdImageProcessor):
             "nDropped": pva.UINT,
             "nBadFrames": pva.UINT,
             "nMissedIds": pva.UINT,
+            "nReorderedIds": pva.UINT,
             "nBatches": pva.UINT,
             "nPeaks": pva.ULONG,
             "nHits": pva.UINT,
@@ -450,6 +574,8 @@ class PeakNetImageProcessor(AdImageProcessor):
             "nPublishErrors": pva.UINT,
             "nEngineErrors": pva.UINT,
             "ringFill": pva.UINT,
+            "inflightMB": pva.DOUBLE,
+            "engineAlive": pva.UINT,
             "hitRate": pva.DOUBLE,
             "meanBatchLatencyMs": pva.DOUBLE,
             "meanFrameLatencyMs": pva.DOUBLE,
@@ -461,31 +587,92 @@ class PeakNetImageProcessor(AdImageProcessor):
     # -- engine thread ------------------------------------------------------------------------
 
     def _engine_main(self) -> None:
-        try:
-            while True:
-                batch = self._next_batch()
-                if batch:
-                    try:
-                        self._run_batch(batch)
-                    except Exception as exc:  # one failed batch must not stop the stream
-                        with self._stats_lock:
-                            self._stats.n_engine_errors += 1
-                            self._stats.n_dropped += len(batch)
-                        self.logger.exception("processor %s: batch of %d frames failed: %s", self._processor_id, len(batch), exc)
-                    continue
-                # Nothing new within the batch timeout: finish what is in flight.
-                if self.pipeline.in_flight:
-                    self._publish_results(self.pipeline.drain())
+        """Batches until stopped. Any exception costs the frames it hit (counted in nDropped and
+        nEngineErrors) and the thread goes on; a repeating fault backs off instead of spinning."""
+        failures = 0
+        while True:
+            try:
+                if not self._engine_step():
+                    break
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                self._engine_failed(exc, failures)
                 with self._cond:
-                    if self._stopping and not self._ring:
-                        break
+                    stopping = self._stopping
+                if stopping and failures >= 3:  # stop() must not wait forever on a fault that repeats
+                    self._drop_ring("engine failing while stopping")
+                    break
+                time.sleep(min(0.05 * failures, 1.0))
+            except BaseException as exc:  # not an Exception: the thread cannot go on
+                self._engine_died(exc)
+                return
+        try:
             self._publish_results(self.pipeline.drain())
-        except BaseException as exc:  # keep the consumer alive; make the failure visible
-            self._engine_error = exc
-            self.logger.exception("processor %s: engine thread failed: %s", self._processor_id, exc)
-            with self._cond:
-                self._stats.n_dropped += len(self._ring)
-                self._ring.clear()
+        except Exception as exc:
+            self._engine_failed(exc, 1)
+
+    def _engine_step(self) -> bool:
+        """One batch (or an idle drain); False once stopping and nothing is left."""
+        batch = self._next_batch()
+        if batch:
+            self._run_batch(batch)
+            return True
+        # Nothing new within the batch timeout: finish what is in flight.
+        if self.pipeline.in_flight:
+            self._publish_results(self.pipeline.drain())
+        with self._cond:
+            if self._stopping and not self._ring:
+                return False
+            if not self._ring and not self._pending and not self.pipeline.in_flight:
+                self._inflight_bytes = 0  # idle: nothing is in flight, whatever the accounting says
+        return True
+
+    def _engine_failed(self, exc: BaseException, failures: int) -> None:
+        """Count an engine exception and the frames it cost (taken off the ring, not published)."""
+        lost = list(self._pending.values())
+        self._pending.clear()
+        inflight = getattr(self.pipeline, "_inflight", None)
+        if inflight is not None:  # their results can no longer be trusted: counted lost below
+            inflight.clear()
+        self._release_items(lost)
+        with self._stats_lock:
+            self._stats.n_engine_errors += 1
+            self._stats.n_dropped += len(lost)
+            n_errors = self._stats.n_engine_errors
+        now = time.monotonic()
+        if failures == 1 or now - self._engine_err_last_log >= self.BAD_FRAME_LOG_PERIOD_S:
+            self._engine_err_last_log = now
+            self.logger.error(
+                "processor %s: engine error #%d (%s): %d frame(s) lost, counted in nDropped; the engine keeps running",
+                self._processor_id, n_errors, exc, len(lost), exc_info=exc,
+            )
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """The engine thread cannot continue: say so loudly, count every frame, stop the consumer."""
+        self._engine_error = exc
+        lost = list(self._pending.values())
+        self._pending.clear()
+        with self._stats_lock:
+            self._stats.n_engine_errors += 1
+            self._stats.n_dropped += len(lost)
+        self._drop_ring("engine thread died")
+        self.logger.critical(
+            "processor %s: engine thread died (%r): %d frame(s) lost; further frames are dropped (nDropped); "
+            "stopping this consumer", self._processor_id, exc, len(lost), exc_info=exc,
+        )
+        if self._stop_handlers is not None:
+            self._stop_handlers.request_stop("engine thread died")
+
+    def _drop_ring(self, why: str) -> None:
+        with self._cond:
+            n = len(self._ring)
+            self._ring.clear()
+            self._inflight_bytes = 0
+        if n:
+            with self._stats_lock:
+                self._stats.n_dropped += n
+            self.logger.error("processor %s: %d queued frame(s) dropped (%s), counted in nDropped", self._processor_id, n, why)
 
     def _next_batch(self) -> list[_Item]:
         """Up to batch_size consecutive frames of one shape/dtype; [] if none arrived in time."""
@@ -498,13 +685,16 @@ class PeakNetImageProcessor(AdImageProcessor):
             if not self._ring:
                 return []
             first = self._ring.popleft()
+            self._pending[id(first)] = first
             batch = [first]
             deadline = first.t_in + timeout
             while len(batch) < params.batch_size:
                 if self._ring:
                     if self._ring[0].key != first.key:
                         break
-                    batch.append(self._ring.popleft())
+                    item = self._ring.popleft()
+                    self._pending[id(item)] = item
+                    batch.append(item)
                     continue
                 if self._stopping:
                     break
@@ -534,6 +724,9 @@ class PeakNetImageProcessor(AdImageProcessor):
         except FrameError as exc:
             with self._stats_lock:
                 self._stats.n_bad_frames += len(batch)
+            for item in batch:
+                self._pending.pop(id(item), None)
+            self._release_items(batch)
             self._log_bad_frame(exc)
             return
         self._publish_results(results)
@@ -546,6 +739,8 @@ class PeakNetImageProcessor(AdImageProcessor):
                 self._stats.batch_latency_s += float(res.latency_s)
             for item, peaks in zip(items, res.peaks):
                 self._publish(item, peaks)
+                self._pending.pop(id(item), None)
+                self._release_items([item])
 
     def _view(self, frame: DecodedFrame) -> tuple[np.ndarray | None, int]:
         """The assembled image of ``frame`` (output_image: assembled), or (None, 1) if it cannot be."""
