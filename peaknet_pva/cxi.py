@@ -20,18 +20,23 @@ One file holds one chunk of up to ``frames_per_file`` frames of one shape::
 
 Peak arrays are zero beyond ``nPeaks``. Coordinates have the pixel centre at the integer; slab
 coordinates are clamped so CrystFEL (which adds 0.5) keeps each peak on its own panel
-(:func:`peaknet_pva.geometry.panel_to_slab`). A file is written as ``<name>.cxi.inprogress``,
-flushed, fsynced, closed and only then renamed to ``<name>.cxi``: CrystFEL never sees an open
-file, and a crash leaves every ``.cxi`` complete.
+(:func:`peaknet_pva.geometry.panel_to_slab`). A chunk is built in memory (HDF5 core driver), then
+written as ``<name>.cxi.inprogress`` with ``os.write``, fsynced, closed and only then renamed to
+``<name>.cxi``: CrystFEL never sees an open file, and a crash leaves every ``.cxi`` complete. A disk
+write that fails (ENOSPC, EFBIG, EIO) is an ordinary counted error: the chunk stays in memory for a
+retry (``retry_chunks`` chunks at most, then the oldest is dropped and counted in ``n_frames_lost``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import re
 import statistics
+import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +79,17 @@ _PEAK_FIELDS = (
 _UINT64_MAX = 2**64 - 1
 # HDF5 >= 1.10 readers (CrystFEL builds) must open our files: cap the format version.
 _LIBVER = ("earliest", "v110")
+
+
+@dataclass
+class _PendingChunk:
+    """A closed chunk, built in memory, waiting for (or retrying) its disk write."""
+
+    number: int
+    n: int
+    image: bytes
+    first_uid: int
+    last_uid: int
 
 
 def _dir_fsync(directory: Path) -> None:
@@ -188,6 +204,8 @@ class CxiWriter:
         compression: str | None = None,
         compression_level: int = 4,
         file_list: bool = True,
+        retry_chunks: int = 2,
+        retry_interval_s: float = 5.0,
     ) -> None:
         if not file_prefix or "/" in file_prefix or os.sep in file_prefix or file_prefix.startswith("."):
             raise ConfigError(f"file_prefix must be a plain file name part, got {file_prefix!r}")
@@ -199,6 +217,10 @@ class CxiWriter:
             raise ConfigError(f"max_peaks must be an integer >= 1, got {max_peaks!r}")
         if compression not in (None, "gzip"):
             raise ConfigError(f"compression must be None or 'gzip' (no plugin filters), got {compression!r}")
+        if int(retry_chunks) != retry_chunks or retry_chunks < 0:
+            raise ConfigError(f"retry_chunks must be an integer >= 0, got {retry_chunks!r}")
+        if not (math.isfinite(float(retry_interval_s)) and retry_interval_s >= 0):
+            raise ConfigError(f"retry_interval_s must be a number >= 0, got {retry_interval_s!r}")
         if not 0 <= int(compression_level) <= 9:
             raise ConfigError(f"compression_level must be 0..9, got {compression_level!r}")
         self.output_dir = Path(output_dir)
@@ -230,6 +252,12 @@ class CxiWriter:
         self.n_peaks_truncated = 0
         #: Frames lost because writing their chunk failed (the error was raised to the caller).
         self.n_frames_lost = 0
+        #: Failed disk writes (each failed attempt of a chunk, retries included).
+        self.n_write_errors = 0
+        self.retry_chunks = int(retry_chunks)
+        self.retry_interval_s = float(retry_interval_s)
+        self._pending: deque[_PendingChunk] = deque()
+        self._last_retry = -math.inf
         self._closed = False
 
         # The chunk being filled (allocated for the first frame of a shape).
@@ -310,7 +338,10 @@ class CxiWriter:
         key = ((n_panels, height, width), dtype)
         if self._n and key != self._key:
             log.info("frame shape/dtype changed from %s to %s: closing the current chunk", self._key, key)
-            closed = self._write_chunk()
+            try:
+                closed = self._write_chunk()
+            except Exception:  # that chunk is lost (counted, logged); this frame still goes in the next
+                closed = None
         if self._n == 0 and key != self._key:
             self._allocate(key)
 
@@ -357,9 +388,17 @@ class CxiWriter:
         """Flush and stop accepting frames. Safe to call twice."""
         if self._closed:
             return
+        lost_before = self.n_frames_lost
         try:
             self._write_chunk()
         finally:
+            self.retry_pending(force=True)
+            if self._pending:
+                n = self.n_frames_pending
+                self.n_frames_lost += n
+                log.error("CxiWriter %s closed with %d frames in %d chunks its disk writes could not take: lost "
+                          "(counted in n_frames_lost)", self.output_dir, n, len(self._pending))
+                self._pending.clear()
             self._closed = True
             self._data = None
             self._peaks = {}
@@ -367,6 +406,8 @@ class CxiWriter:
                 "CxiWriter %s closed: %d frames in %d files", self.output_dir,
                 self.n_frames_written, self.n_files_written,
             )
+        if self.n_frames_lost > lost_before:
+            raise OSError(errno.EIO, f"{self.n_frames_lost - lost_before} frames could not be written to {self.output_dir}")
 
     def stats(self) -> dict[str, int]:
         """Counters as plain ints (for pvapy status channels)."""
@@ -376,6 +417,8 @@ class CxiWriter:
             "n_frames_buffered": int(self._n),
             "n_peaks_truncated": int(self.n_peaks_truncated),
             "n_frames_lost": int(self.n_frames_lost),
+            "n_frames_pending": int(self.n_frames_pending),
+            "n_write_errors": int(self.n_write_errors),
         }
 
     def __del__(self) -> None:
@@ -444,20 +487,14 @@ class CxiWriter:
     def _final_path(self, chunk: int) -> Path:
         return self.output_dir / f"{self.file_prefix}-c{self.consumer_id}-{chunk:05d}.cxi"
 
-    def _claim(self) -> tuple[int, Path, Path, h5py.File]:
-        """Create ``<name>.cxi.inprogress`` exclusively for the next free chunk number."""
+    def _reserve_number(self) -> int:
+        """The next chunk number with neither ``.cxi`` nor ``.cxi.inprogress`` on disk (no file made)."""
         while True:
             chunk = self._next_chunk
-            final = self._final_path(chunk)
-            tmp = final.with_name(final.name + ".inprogress")
             self._next_chunk += 1
-            if final.exists() or tmp.exists():
-                continue
-            try:
-                fh = h5py.File(tmp, "x", libver=_LIBVER)
-            except FileExistsError:
-                continue
-            return chunk, final, tmp, fh
+            final = self._final_path(chunk)
+            if not (final.exists() or final.with_name(final.name + ".inprogress").exists()):
+                return chunk
 
     def _publish(self, tmp: Path, final: Path) -> Path:
         """Rename ``tmp`` to ``final`` without ever replacing an existing file."""
@@ -483,45 +520,146 @@ class CxiWriter:
         return final
 
     def _write_chunk(self) -> Path | None:
+        """Close the open chunk: build the file in memory, then write it to disk (see ``_store``).
+
+        Returns the closed file, or None when nothing was buffered or the disk write failed (the
+        chunk is then kept for a retry). A failure to build the file (not an I/O error: e.g. out
+        of memory) loses the chunk: counted in ``n_frames_lost`` and raised.
+        """
         n = self._n
         if n == 0:
             return None
-        tmp: Path | None = None
+        self.retry_pending()  # older chunks first (rate-limited)
+        number = self._reserve_number()
+        first_uid, last_uid = int(self._unique_id[0]), int(self._unique_id[n - 1])
         try:
-            chunk, final, tmp, fh = self._claim()
-            with fh:
-                self._write_file(fh, n, chunk)
-                fh.flush()
-                try:
-                    os.fsync(fh.id.get_vfd_handle())
-                except (OSError, ValueError, TypeError):
-                    pass  # a driver without a file descriptor: fsync after closing below
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            final = self._publish(tmp, final)
+            image = self._build_image(n, number)
         except BaseException:
             self.n_frames_lost += n
+            log.exception("building chunk %d (%d frames, uniqueId %d..%d) failed; the frames are lost",
+                          number, n, first_uid, last_uid)
+            raise
+        finally:
             self._n = 0
             self._centroids = set()
-            log.exception("writing %d frames to %s failed; the frames are lost", n, tmp)
-            if tmp is not None:
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-            raise
-        self._n = 0
-        self._centroids = set()
-        self.n_frames_written += n
+        return self._store(_PendingChunk(number, n, image, first_uid, last_uid))
+
+    def _build_image(self, n: int, number: int) -> bytes:
+        """The whole HDF5 file of the open chunk, built in memory (no disk I/O inside libhdf5).
+
+        Writing through libhdf5 to a full disk leaves a half-closed file whose later clean-up
+        crashes the process (SIGSEGV seen with h5py 3.16 / HDF5 2.0 after ENOSPC/EFBIG); bytes
+        built here are written with plain ``os.write``, where a full disk is an ordinary OSError.
+        """
+        name = f"peaknet-mem-{os.getpid()}-{id(self)}-{number}.cxi"
+        fh = h5py.File(name, "w", driver="core", backing_store=False, libver=_LIBVER)
+        try:
+            self._write_file(fh, n, number)
+            fh.flush()
+            image = fh.id.get_file_image()
+        finally:
+            fh.close()
+        return bytes(image)
+
+    def _store(self, chunk: _PendingChunk) -> Path | None:
+        """Write ``chunk`` to disk; on an I/O error keep it for a retry (bounded) and return None."""
+        try:
+            final = self._write_image(chunk)
+        except OSError as exc:
+            self.n_write_errors += 1
+            self._pending.append(chunk)
+            log.error(
+                "writing chunk %d (%d frames, uniqueId %d..%d) to %s failed: %s; kept in memory for a retry "
+                "(%d frames pending)", chunk.number, chunk.n, chunk.first_uid, chunk.last_uid, self.output_dir,
+                exc, self.n_frames_pending,
+            )
+            while len(self._pending) > self.retry_chunks:
+                old = self._pending.popleft()
+                self.n_frames_lost += old.n
+                log.error(
+                    "chunk %d (%d frames, uniqueId %d..%d) dropped: more than retry_chunks=%d chunks wait for "
+                    "the disk (counted in n_frames_lost)", old.number, old.n, old.first_uid, old.last_uid,
+                    self.retry_chunks,
+                )
+            return None
+        self.n_frames_written += chunk.n
         self.n_files_written += 1
         self.files.append(final)
-        log.info("wrote %s: %d frames", final, n)
+        log.info("wrote %s: %d frames", final, chunk.n)
         if self.file_list is not None:
             self._update_file_list()
         return final
+
+    def _write_image(self, chunk: _PendingChunk) -> Path:
+        """``<name>.cxi.inprogress`` (exclusive) ← the bytes, fsync, then link/rename to ``<name>.cxi``.
+
+        Raises OSError (ENOSPC, EFBIG, EIO, ...) with no file left behind.
+        """
+        while True:
+            final = self._final_path(chunk.number)
+            tmp = final.with_name(final.name + ".inprogress")
+            if final.exists():
+                chunk.number = self._reserve_number()
+                continue
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                chunk.number = self._reserve_number()
+                continue
+            break
+        try:
+            try:
+                view = memoryview(chunk.image)
+                while view:
+                    written = os.write(fd, view)
+                    if written <= 0:  # pragma: no cover
+                        raise OSError(errno.EIO, "os.write wrote nothing")
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._publish(tmp, final)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+
+    @property
+    def n_frames_pending(self) -> int:
+        """Frames of chunks whose disk write failed, kept in memory for a retry."""
+        return sum(c.n for c in self._pending)
+
+    def retry_pending(self, force: bool = False) -> int:
+        """Try again to write the chunks a failed disk write left in memory (at most once per
+        ``retry_interval_s`` unless ``force``). Returns the frames written now."""
+        if not self._pending:
+            return 0
+        now = time.monotonic()
+        if not force and now - self._last_retry < self.retry_interval_s:
+            return 0
+        self._last_retry = now
+        done = 0
+        while self._pending:
+            chunk = self._pending[0]
+            try:
+                final = self._write_image(chunk)
+            except OSError as exc:
+                self.n_write_errors += 1
+                log.warning("retrying chunk %d (%d frames): %s; %d frames still pending", chunk.number, chunk.n,
+                            exc, self.n_frames_pending)
+                break
+            self._pending.popleft()
+            self.n_frames_written += chunk.n
+            self.n_files_written += 1
+            self.files.append(final)
+            done += chunk.n
+            log.warning("wrote %s on a retry: %d frames (uniqueId %d..%d)", final, chunk.n, chunk.first_uid,
+                        chunk.last_uid)
+            if self.file_list is not None:
+                self._update_file_list()
+        return done
 
     def _update_file_list(self) -> None:
         """Refresh the ``.lst``; a failure is logged, never raised (the chunk itself is safe)."""

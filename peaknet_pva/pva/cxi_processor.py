@@ -39,10 +39,11 @@ import pvaccess as pva
 from pvapy.hpc.userDataProcessor import UserDataProcessor
 
 from ..cxi import CxiWriter
-from ..errors import ConfigError
+from ..errors import ConfigError, FrameError
 from ..frames import PeakTable
 from ..geometry import DetectorGeometry, for_cxi, format_geometry, read_geometry, write_geometry
 from .codec import OutputMeta, decode_output
+from .lifecycle import install_stop_handlers
 from .args import PVAPY_KEYS, _as_float, _as_int, parse_processor_args
 
 _STOP = object()
@@ -62,6 +63,8 @@ class CxiProcessorParams:
     photon_energy_ev: float | None = None
     queue_size: int = 1000
     compression: str | None = None
+    retry_chunks: int = 2
+    retry_interval_s: float = 5.0
 
     RUNTIME_KEYS = ("min_peaks",)
 
@@ -82,6 +85,8 @@ class CxiProcessorParams:
             if self.photon_energy_ev <= 0:
                 raise ConfigError(f"photon_energy_ev must be > 0 eV, got {self.photon_energy_ev!r}")
         fix(self, "queue_size", _as_int("queue_size", self.queue_size, 1))
+        fix(self, "retry_chunks", _as_int("retry_chunks", self.retry_chunks, 0, 1000))
+        fix(self, "retry_interval_s", _as_float("retry_interval_s", self.retry_interval_s, 0.0, 86_400.0))
         if self.compression not in (None, "gzip"):
             raise ConfigError(f"compression must be null or 'gzip', got {self.compression!r}")
 
@@ -102,7 +107,11 @@ class CxiFileProcessor(UserDataProcessor):
 
     Stats (``userStats``): nReceived, nWritten, nSkipped (below ``min_peaks``, or no photon
     energy), nFiles, nNoImage, nDropped (queue full), nBadFrames (not our output structure),
-    nWriteErrors, nBuffered (frames in the open chunk), nQueued.
+    nWriteErrors (failed disk writes, retries included), nFramesLost (hits that will never be
+    written: chunks dropped after ``retry_chunks``, still pending at stop, or refused by the
+    writer), nPending (frames of chunks waiting for a retry), nBuffered (frames in the open
+    chunk), nQueued. Every hit queued ends up in nWritten + nFramesLost (+ nPending + nBuffered +
+    nQueued while running).
     """
 
     STOP_TIMEOUT_S = 300.0
@@ -122,13 +131,18 @@ class CxiFileProcessor(UserDataProcessor):
             max_peaks=p.max_peaks,
             geometry=self._geometry,
             compression=p.compression,
+            retry_chunks=p.retry_chunks,
+            retry_interval_s=p.retry_interval_s,
         )
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=p.queue_size)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._geometry_written = False
+        self._geometry_last_try = -math.inf
         self._warned: set[str] = set()
         self._reset_counters()
+        # SIGTERM (and, in a forked consumer, a dead parent) stop this consumer like SIGINT does
+        self._stop_handlers = install_stop_handlers(f"writer {self._processor_id}", self.logger)
 
     def _reset_counters(self) -> None:
         self.n_received = 0
@@ -138,8 +152,11 @@ class CxiFileProcessor(UserDataProcessor):
         self.n_dropped = 0
         self.n_bad_frames = 0
         self.n_write_errors = 0
+        self.n_rejected = 0  # hits the writer refused (FrameError): not written, counted in nFramesLost
         self._written_offset = 0
         self._files_offset = 0
+        self._lost_offset = 0
+        self._write_errors_offset = 0
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
@@ -215,12 +232,23 @@ class CxiFileProcessor(UserDataProcessor):
             except Exception as exc:
                 self.n_write_errors += 1
                 self.logger.error("writer %s: closing the last chunk failed: %s", self._processor_id, exc)
+        if self._stop_handlers is not None:
+            self._stop_handlers.close()
+        stats = self.getStats()
+        self.logger.warning(
+            "writer %s: stopped%s: %d received, %d written in %d files, %d frames lost, %d write errors",
+            self._processor_id,
+            f" ({self._stop_handlers.reason})" if self._stop_handlers and self._stop_handlers.reason else "",
+            stats["nReceived"], stats["nWritten"], stats["nFiles"], stats["nFramesLost"], stats["nWriteErrors"],
+        )
 
     def resetStats(self) -> None:
         with self._lock:
             self._reset_counters()
             self._written_offset = int(self.writer.n_frames_written)
             self._files_offset = int(self.writer.n_files_written)
+            self._lost_offset = int(self.writer.n_frames_lost)
+            self._write_errors_offset = int(self.writer.n_write_errors)
 
     def getStats(self) -> dict[str, Any]:
         w = self.writer
@@ -232,7 +260,9 @@ class CxiFileProcessor(UserDataProcessor):
             "nNoImage": int(self.n_no_image),
             "nDropped": int(self.n_dropped),
             "nBadFrames": int(self.n_bad_frames),
-            "nWriteErrors": int(self.n_write_errors),
+            "nWriteErrors": int(self.n_write_errors + w.n_write_errors - self._write_errors_offset),
+            "nFramesLost": int(self.n_rejected + w.n_frames_lost - self._lost_offset),
+            "nPending": int(w.n_frames_pending),
             "nBuffered": int(w.n_frames_buffered),
             "nQueued": int(self._queue.qsize()),
             "minPeaks": int(self.params.min_peaks),
@@ -248,6 +278,8 @@ class CxiFileProcessor(UserDataProcessor):
             "nDropped": pva.UINT,
             "nBadFrames": pva.UINT,
             "nWriteErrors": pva.UINT,
+            "nFramesLost": pva.UINT,
+            "nPending": pva.UINT,
             "nBuffered": pva.UINT,
             "nQueued": pva.UINT,
             "minPeaks": pva.UINT,
@@ -264,6 +296,7 @@ class CxiFileProcessor(UserDataProcessor):
             except queue.Empty:
                 if self.writer.n_frames_buffered and time.monotonic() - last_add >= idle:
                     self._flush()
+                self._retry()
                 continue
             if item is _STOP:
                 break
@@ -278,6 +311,15 @@ class CxiFileProcessor(UserDataProcessor):
                 return
             if item is not _STOP:
                 self._write(item)
+
+    def _retry(self) -> None:
+        """Chunks a failed disk write kept in memory: try again (the writer rate-limits)."""
+        with self._lock:
+            try:
+                self.writer.retry_pending()
+            except Exception as exc:  # never kill the writer thread
+                self.n_write_errors += 1
+                self.logger.error("writer %s: retrying a chunk failed: %s", self._processor_id, exc)
 
     def _flush(self) -> None:
         with self._lock:
@@ -312,15 +354,26 @@ class CxiFileProcessor(UserDataProcessor):
                     unique_id=max(int(meta.unique_id), 0),
                     timestamp_ns=max(int(meta.timestamp_ns), 0),
                 )
-            except Exception as exc:  # PeakNetPvaError, OSError, h5py's errors: never kill the thread
+            except FrameError as exc:  # this frame does not fit the writer (geometry, shape): refused
                 self.n_write_errors += 1
-                self.logger.error("writer %s: frame uniqueId=%d not written: %s", self._processor_id, meta.unique_id, exc)
+                self.n_rejected += 1
+                self.logger.error("writer %s: frame uniqueId=%d not written (counted in nFramesLost): %s",
+                                  self._processor_id, meta.unique_id, exc)
+            except Exception as exc:  # a chunk could not be built: its frames are in the writer's n_frames_lost
+                self.n_write_errors += 1
+                self.logger.error("writer %s: frame uniqueId=%d: writing a chunk failed: %s", self._processor_id, meta.unique_id, exc)
 
     def _write_geometry_once(self, frame_shape: tuple[int, ...]) -> None:
-        """Write ``<output_dir>/<file_prefix>.geom`` if no such file exists yet (never replaced)."""
+        """Write ``<output_dir>/<file_prefix>.geom`` if no such file exists yet (never replaced).
+
+        A failed write (disk full) is tried again, at most once per ``retry_interval_s``.
+        """
         if self._geometry_written:
             return
-        self._geometry_written = True
+        now = time.monotonic()
+        if now - self._geometry_last_try < self.params.retry_interval_s:
+            return
+        self._geometry_last_try = now
         p, h, w = (int(v) for v in frame_shape)
         if self._geometry is not None:  # the user's panels, pointed at our CXI layout
             geometry = for_cxi(self._geometry, base_dir=Path(str(self.params.geometry)).parent)
@@ -329,6 +382,7 @@ class CxiFileProcessor(UserDataProcessor):
         final = Path(self.params.output_dir) / f"{self.params.file_prefix}.geom"
         text = format_geometry(geometry)
         if final.exists():
+            self._geometry_written = True
             try:
                 if final.read_text() != text:
                     self.logger.warning("writer %s: %s exists and differs from this run's layout; kept as is", self._processor_id, final)
@@ -337,8 +391,10 @@ class CxiFileProcessor(UserDataProcessor):
             return
         try:
             write_geometry(final, geometry, overwrite=False)
+            self._geometry_written = True
             self.logger.info("writer %s: wrote CrystFEL geometry %s", self._processor_id, final)
         except FileExistsError:
-            pass  # another writer of this set got there first
+            self._geometry_written = True  # another writer of this set got there first
         except OSError as exc:
-            self.logger.error("writer %s: cannot write geometry %s: %s", self._processor_id, final, exc)
+            self.logger.error("writer %s: cannot write geometry %s (tried again in %.0f s): %s", self._processor_id,
+                              final, self.params.retry_interval_s, exc)

@@ -258,10 +258,16 @@ def start_consumer(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     name: str = "consumer",
+    wrap: Sequence[str] = (),
     **kwargs: Any,
 ) -> ManagedProcess:
-    """Start ``pvapy-hpc-consumer`` (see ``consumer_command`` for the keyword arguments)."""
+    """Start ``pvapy-hpc-consumer`` (see ``consumer_command`` for the keyword arguments).
+
+    ``wrap``: interpreter arguments put before ``-m pvapy.cli.hpcConsumer`` (e.g. ``-c CODE`` that
+    sets resource limits and then ``os.execv``s the rest; tests use it for a full disk).
+    """
     cmd = consumer_command(processor_class, input_channel, **kwargs)
+    cmd = [cmd[0], *wrap, *cmd[1:]]
     proc = _spawn(name, cmd, log_path, env, cwd)
     ids = range(int(kwargs.get("consumer_id", 1)), int(kwargs.get("consumer_id", 1)) + int(kwargs.get("n_consumers", 1)))
     proc.status_channels = _expand(kwargs.get("status_channel"), ids)
