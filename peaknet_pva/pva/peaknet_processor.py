@@ -124,7 +124,7 @@ class PeakNetProcessorParams:
             fix(self, "photon_energy_ev", _as_float("photon_energy_ev", self.photon_energy_ev, 0.0))
         fix(self, "ring_size", _as_int("ring_size", self.ring_size, 1, 1_000_000))
         fix(self, "max_frame_mpix", _as_float("max_frame_mpix", self.max_frame_mpix, 0.001, 100_000.0))
-        fix(self, "max_inflight_mb", _as_float("max_inflight_mb", self.max_inflight_mb, 1.0, 16_000_000.0))
+        fix(self, "max_inflight_mb", _as_float("max_inflight_mb", self.max_inflight_mb, 0.001, 16_000_000.0))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
         fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
@@ -412,13 +412,13 @@ class PeakNetImageProcessor(AdImageProcessor):
             declared = _declared_pixels(pvObject)
             if declared is not None and declared > max_px:
                 raise FrameError(
-                    f"frame of {declared / 1e6:.1f} Mpx is larger than max_frame_mpix={params.max_frame_mpix:g}: "
+                    f"frame of {declared / 1e6:.3g} Mpx is larger than max_frame_mpix={params.max_frame_mpix:g}: "
                     "not decoded (raise max_frame_mpix if this detector is that large)"
                 )
             frame = decode_ntndarray(pvObject, self._layout, photon_energy_attribute=params.photon_energy_attribute)
             if frame.pixels.size > max_px:
                 raise FrameError(
-                    f"frame of {frame.pixels.size / 1e6:.1f} Mpx is larger than max_frame_mpix={params.max_frame_mpix:g}"
+                    f"frame of {frame.pixels.size / 1e6:.3g} Mpx is larger than max_frame_mpix={params.max_frame_mpix:g}"
                 )
             if self._frame_shape is not None and frame.pixels.shape != self._frame_shape:
                 raise FrameError(
