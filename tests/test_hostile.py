@@ -121,6 +121,30 @@ def test_engine_survives_a_backend_exception_and_counts_it() -> None:
     proc.stop()
 
 
+def test_an_engine_that_cannot_go_on_is_loud_and_counts_every_frame() -> None:
+    """A non-Exception escaping the engine (here SystemExit from the backend) ends the thread: it
+    says so (critical log, engineAlive 0) and every later frame is counted dropped, never silent."""
+
+    class _Exit(_FailOnce):
+        def compute(self, frames):  # noqa: ANN001, ANN201
+            raise SystemExit("injected")
+
+    proc, pub = _make(dict(SMALL, batch_size=2, batch_timeout_ms=20))
+    proc.pipeline.backend = _Exit(proc.pipeline.backend)
+    for obj in _encode(planted_frames(2, seed=12)):
+        proc.process(obj)
+    proc.start()
+    wait_until(lambda: proc.getStats()["engineAlive"] == 0, 30, what="the engine to end")
+    for obj in _encode(planted_frames(3, seed=13), first_id=3):
+        proc.process(obj)
+    stats = proc.getStats()
+    assert stats["nEngineErrors"] == 1 and stats["nDropped"] == 5 and stats["nProcessed"] == 0
+    _adds_up(stats)
+    assert pub.objects == []
+    proc.stop()  # returns at once: nothing left to drain
+    assert proc.finder is None
+
+
 def test_engine_survives_a_fault_outside_the_batch_and_recovers() -> None:
     """The historic killer: a timeout no threading wait accepts (batch_timeout_ms = 1e16, now refused
     by configure) raised in the batching code itself, outside the per-batch try, and the thread died
@@ -429,13 +453,20 @@ def test_writer_first_then_consumer_then_source_and_sigterm_loses_nothing(tmp_pa
             first = [srv.publish(f, photon_energy_ev=9000.0) for f in frames[:10]]
             wait_until(lambda: user_stats(wr, fresh_after=time.time())[0]["nReceived"] == 10, 60,
                        what="the first 10 hits at the writer")
+            # A valid 67 Mpx slab (uint8, 8192 x 8192) used to OOM-kill the consumer: now refused
+            # from its declared size (max_frame_mpix 40) before it is decoded.
+            srv.publish(np.zeros((8192, 8192), np.uint8), photon_energy_ev=9000.0)
+            wait_until(lambda: user_stats(pk, fresh_after=time.time())[0]["nBadFrames"] == 1, 30,
+                       what="the 67 Mpx frame counted bad")
+            assert pk.poll() is None and "67.1 Mpx is larger than max_frame_mpix=40" in pk.log_text()
             procs.send_control(pk.control_channels[0], "configure", {"batch_timeout_ms": 60_000})
             time.sleep(1.5)
             queued = [srv.publish(f, photon_energy_ev=9000.0) for f in frames[10:]]
-            wait_until(lambda: user_stats(pk, fresh_after=time.time())[0]["nFramesIn"] == 30, 20,
+            wait_until(lambda: user_stats(pk, fresh_after=time.time())[0]["nFramesIn"] == 31, 20,
                        what="20 frames queued")
             st = user_stats(pk, fresh_after=time.time())[0]
             assert st["nProcessed"] == 10  # the other 20 wait for the (one-minute) batch timeout
+            assert st["nMissedIds"] == 0 and st["nDropped"] == 0
             t0 = time.monotonic()
             pk.send_signal(signal.SIGTERM)
             pk.popen.wait(STOP_TIMEOUT_S)

@@ -2,8 +2,9 @@
 
 Every process gets the loopback environment (``peaknet_pva.loopback.loopback_env``), writes its
 output to a log file, and is stopped by PID: consumers with SIGINT (their forked children ignore
-it and are stopped by the parent; SIGTERM would leave them running), then SIGKILL for the process
-and the children found under it in ``/proc`` if it does not exit in time. ::
+it and are stopped by the parent; SIGTERM kills a ``-nc > 1`` parent at once, and our processors in
+the children then stop themselves, see ``lifecycle``), then SIGKILL for the process and the
+children found under it in ``/proc`` if it does not exit in time. ::
 
     with start_consumer("peaknet_pva.PeakNetImageProcessor", "test:image",
                         output_channel="t:*:output", status_channel="t:*:status",
