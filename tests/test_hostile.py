@@ -526,3 +526,31 @@ def test_sigterm_to_a_forked_parent_drains_its_children(tmp_path: Path) -> None:
     assert uids == list(range(1, 15))
     assert not list(out_dir.glob("*.inprogress"))
     assert "parent process" in wr.log_text()
+
+
+@pytest.mark.pva
+def test_sigterm_to_a_forked_peaknet_parent_publishes_every_queued_frame(tmp_path: Path) -> None:
+    """-nc 2 PeakNet: 16 frames wait in the two rings (a one-minute batch timeout); SIGTERM to the
+    parent kills it, and each child, seeing its parent gone, drains and publishes its frames."""
+    tag = unique_tag("pkorph")
+    image = f"{tag}:image"
+    args = dict(PEAKNET_CPU_ARGS, batch_size=64, batch_timeout_ms=60_000, ring_size=64)
+    frames = planted_frames(16, seed=14)
+    with ReplayServer(image) as srv:
+        with consumer_set(PEAKNET_CLASS, image, tag, tmp_path, role="pk", n_consumers=2, distributor_updates=2,
+                          processor_args=args) as pk:
+            with procs.OutputMonitor(pk.output_channels) as mon:
+                mon.wait_connected(30)
+                ids = [srv.publish(f, photon_energy_ev=7000.0) for f in frames]
+                wait_until(lambda: sum(s["nFramesIn"] for s in user_stats(pk, fresh_after=time.time())) == len(ids),
+                           20, what="frames in the rings")
+                assert mon.n_updates == 0  # nothing ran yet
+                kids = pk.children()
+                pk.send_signal(signal.SIGTERM)
+                pk.popen.wait(10)
+                assert pk.poll() == -signal.SIGTERM
+                missing = mon.wait_for(ids, timeout_s=STOP_TIMEOUT_S)
+                wait_until(lambda: not [p for p in kids if procs._alive(p)], 30, what="the children to exit")
+    assert not missing, f"lost on SIGTERM: {sorted(missing)}"
+    assert sorted(mon.snapshot()) == ids and all(len(v) == 1 for v in mon.snapshot().values())
+    assert pk.log_text().count("stopped (parent process") == 2
