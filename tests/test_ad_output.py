@@ -256,3 +256,14 @@ def test_attributes_survive_a_real_consumer(tmp_path: Path) -> None:
 
 def pk_stats(proc: Any) -> dict[str, Any]:
     return user_stats(proc, fresh_after=time.time())[0]
+
+
+def test_placeholder_is_a_valid_image_of_the_output_structure() -> None:
+    """Before the first frame the record holds a 1 x 1 mono image (c2dv shows it without error),
+    with the output structure; readers see a frame with no peaks and no image."""
+    ph = codec.placeholder_output()
+    assert codec.same_structure(ph, codec.output_type())
+    assert [int(d["size"]) for d in ph["dimension"]] == [1, 1]
+    assert _by_name(ph)["ColorMode"]["value"][0]["value"] == 0
+    peaks, meta = codec.decode_output(ph)
+    assert peaks.n == 0 and meta.image is None and meta.unique_id == 0

@@ -423,6 +423,28 @@ def output_type() -> Any:
     return _OUTPUT_TEMPLATE.copy()
 
 
+def placeholder_output() -> Any:
+    """The output record's value before the first frame: a 1 x 1 mono image (uniqueId 0).
+
+    An empty NTNDArray is an error to image viewers (c2dataviewer logs "Invalid data/color mode
+    data" at its poll rate until the first hit arrives); this is a valid image of nothing. Same
+    structure as ``output_type()``; ``decode_output`` reads it as a frame without image.
+    """
+    out = output_type()
+    out["value"] = {"ubyteValue": np.zeros(1, np.uint8)}
+    out["dimension"] = _dimensions((1, 1))
+    out["codec"] = {"name": "", "parameters": pva.PvInt(int(pva.UBYTE))}
+    out["compressedSize"] = 1
+    out["uncompressedSize"] = 1
+    out["uniqueId"] = 0
+    out["attribute"] = [
+        _our_attribute("ColorMode", COLOR_MODE_MONO, pva.INT, "Color mode"),
+        _our_attribute("PeakNetImage", "placeholder", pva.STRING, "no frame processed yet"),
+    ]
+    out["photonEnergy"] = float("nan")
+    return out
+
+
 def _our_attribute(name: str, value: Any, scalar: Any, descriptor: str) -> dict[str, Any]:
     """An NTAttribute (as the dict pvaccess takes) for a value peaknet-pva adds to the output."""
     return {
@@ -556,7 +578,7 @@ def decode_output(pv: Any) -> tuple[PeakTable, OutputMeta]:
             raise FrameError(f"slab of {slab.size} values does not fit panelShape {panel_shape}")
         h, w = layout.panel_shape
         image = np.array(slab.reshape(-1, h, w), copy=True)
-    elif len(pv["dimension"]) > 0:
+    elif len(pv["dimension"]) > 0 and len(panel_shape) == 2:  # no panelShape: the placeholder
         image = decode_ntndarray(pv, layout, check_finite=False).pixels
     meta = OutputMeta(
         unique_id=int(pv["uniqueId"]),

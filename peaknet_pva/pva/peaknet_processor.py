@@ -33,7 +33,13 @@ from ..errors import ConfigError, FrameError
 from ..frames import PanelLayout, PeakTable
 from .args import PVAPY_KEYS, _as_bool, _as_choice, _as_float, _as_int, _as_panel_shape, parse_processor_args
 from .lifecycle import create_output_channel, install_stop_handlers
-from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, DecodedFrame, build_output, decode_ntndarray, output_type
+from .codec import (
+    DEFAULT_PHOTON_ENERGY_ATTRIBUTE,
+    DecodedFrame,
+    build_output,
+    decode_ntndarray,
+    placeholder_output,
+)
 
 #: all: every frame published with its image; hits: only hits published (with their image), non-hits
 #: counted in nNotPublished; hits_empty: every frame published, non-hits as an empty value with their
@@ -392,7 +398,7 @@ class PeakNetImageProcessor(AdImageProcessor):
         if self._engine is not None:
             return
         try:  # clients (writers, c2dv) can connect before the first frame
-            create_output_channel(self, output_type())
+            create_output_channel(self, placeholder_output())  # a valid 1 x 1 image until the first frame
         except Exception as exc:
             self.logger.warning("processor %s: output channel not created at start (pvapy will at the first frame): %s",
                                 self._processor_id, exc)
@@ -517,7 +523,7 @@ class PeakNetImageProcessor(AdImageProcessor):
         self.logger.warning("processor %s: configured %s", self._processor_id, changes)
 
     def getOutputPvObjectType(self, pvObject: Any) -> Any:
-        return output_type()
+        return placeholder_output()
 
     def resetStats(self) -> None:
         with self._stats_lock:
