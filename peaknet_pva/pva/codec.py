@@ -12,9 +12,12 @@ publishes: an NtNdArray plus ::
     peaks:  structure { panel: ushort[], y: float[], x: float[], intensity: float[], npix: uint[] }
     nPeaks: uint        photonEnergy: double (eV)      panelShape: uint[] (H, W)
 
-``build_output`` fills one from a decoded frame and its peaks; the image is always sent as the
-2-D slab ``(P*H, W)`` (ColorMode 0, so any areaDetector client can show it) or, when not forwarded,
-as an empty array of the same union type with no dimensions. ``decode_output`` reads it back.
+``build_output`` fills one from a decoded frame and its peaks, as areaDetector would: the input's
+NTAttributes passed through unchanged (plus ours), ``codec`` name ``''`` with the pvData scalar type
+in ``parameters``. The image is sent as the 2-D slab ``(P*H, W)`` (ColorMode 0, so any areaDetector
+client can show it), or as an assembled view with the slab in the extra ``slab`` field, or, when
+not forwarded, as an empty array of the same union type with no dimensions. ``placeholder_output``
+is the channel's value before the first frame (a 1 x 1 image). ``decode_output`` reads it back.
 
 NTNDArray dimension order: ``dimension[0]`` is the fastest-varying axis (x, columns), so a 2-D
 frame of shape ``(rows, cols)`` has ``dimension = [cols, rows]`` and a 3-D ``(P, H, W)`` frame has
