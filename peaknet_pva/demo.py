@@ -186,6 +186,7 @@ def run_demo(
             wall = time.monotonic() - t0
             if missing:
                 log.warning("%d frames not published in time", len(missing))
+            time.sleep(1.5)  # the status channels refresh once per report period (1 s): read a fresh one
             pk_stats = _user_stats(pk.status_channels)
             published = mon.snapshot()
         log.info("stopping inference consumers (SIGINT: they drain), then writers")
