@@ -2,8 +2,9 @@
 
 Input (DESIGN 2.1): an NtNdArray holding either the stacked 2-D slab ``(P*H, W)`` (split into
 panels by a ``PanelLayout``) or a 3-D mono ``(P, H, W)`` array, of int8 ... float64, optionally
-compressed (``codec.name`` blosc / lz4 / bslz4, decoded with pvapy's ``AdImageUtility`` when the
-codec's package is installed). ``decode_ntndarray`` returns a ``DecodedFrame`` whose pixels are a
+compressed as ADCore's NDPluginCodec does (``codec.name`` lz4 / bslz4 / blosc / zlib / lz4hdf5, or
+HDF5-framed lz4/bslz4 chunks; decoded by ``compression.decompress``, which checks every size
+before any decompressor runs; the packages come with the ``codecs`` extra). ``decode_ntndarray`` returns a ``DecodedFrame`` whose pixels are a
 COPY (pvapy reuses the PvObject after the callback returns) or raises ``FrameError``.
 
 Output (DESIGN 2.3): ``output_type()`` is the single type definition of what the PeakNet processor
@@ -26,7 +27,6 @@ frame of shape ``(rows, cols)`` has ``dimension = [cols, rows]`` and a 3-D ``(P,
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ import pvaccess as pva
 
 from ..errors import FrameError
 from ..frames import PanelLayout, PeakTable, check_dtype
+from . import compression
 
 #: Union field of the NtNdArray ``value`` for each numpy dtype (and back).
 FIELD_BY_DTYPE: dict[np.dtype, str] = {
@@ -79,13 +80,8 @@ _SCALAR_BY_DTYPE: dict[np.dtype, Any] = {
     np.dtype("float64"): pva.DOUBLE,
 }
 
-#: Compressed-frame codecs pvapy can decode, and the Python package each one needs.
-CODEC_PACKAGES: dict[str, tuple[str, str]] = {
-    # codec name: (module to import, pip package name)
-    "blosc": ("blosc", "blosc"),
-    "lz4": ("lz4.block", "lz4"),
-    "bslz4": ("bitshuffle", "bitshuffle"),
-}
+#: Compressed-frame codecs decoded here, and the Python modules each one needs (``codecs`` extra).
+CODEC_PACKAGES: dict[str, tuple[str, ...]] = dict(compression.CODEC_MODULES)
 
 #: areaDetector ColorMode attribute value for mono images.
 COLOR_MODE_MONO = 0
@@ -237,40 +233,37 @@ def _make_attribute(name: str, value: Any) -> Any:
 
 
 def _check_codec_package(codec: str) -> None:
-    if codec not in CODEC_PACKAGES:
-        raise FrameError(
-            f"unknown compression codec {codec!r}; supported: {', '.join(sorted(CODEC_PACKAGES))}"
-        )
-    module, package = CODEC_PACKAGES[codec]
+    """Raise FrameError unless ``codec`` is one we decode and its packages are installed."""
+    compression.check_codec(codec)
+
+
+def _uncompressed_dtype(pv: Any, codec: str) -> np.dtype:
+    """The pixels' dtype from ``codec.parameters``: a PVInt holding the pvData scalar type, as
+    ADCore's NTNDArrayConverter (and pvapy) set it."""
     try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise FrameError(
-            f"frame is compressed with {codec!r} but the Python package {package!r} is not "
-            f"installed (pip install {package})"
-        )
+        scalar = _attribute_value(pv["codec.parameters"])
+    except Exception as exc:  # pvaccess.FieldNotFound is not a KeyError
+        raise FrameError(f"compressed frame ({codec}) without codec.parameters: {exc}") from None
+    if isinstance(scalar, bool) or not isinstance(scalar, (int, np.integer)):
+        raise FrameError(f"compressed frame ({codec}): codec.parameters {scalar!r} is not a pvData scalar type")
+    dtype = _DTYPE_BY_SCALAR.get(int(scalar))
+    if dtype is None:
+        raise FrameError(f"compressed frame ({codec}): codec.parameters {int(scalar)} is not a numeric pvData type")
+    return dtype
 
 
-def _decompress(pv: Any, data: np.ndarray, codec: str) -> np.ndarray:
+def _decompress(pv: Any, data: np.ndarray, codec: str, n_values: int) -> np.ndarray:
+    """Decode a compressed payload into ``n_values`` pixels (sizes checked before decoding)."""
     _check_codec_package(codec)
-    from pvapy.utility.adImageUtility import AdImageUtility
-
+    dtype = _uncompressed_dtype(pv, codec)
     try:
-        params = pv["codec.parameters"]
-        scalar = int(_attribute_value(params))
-        dtype = _DTYPE_BY_SCALAR[scalar]
         uncompressed = int(pv["uncompressedSize"])
+        compressed = int(pv["compressedSize"])
     except Exception as exc:
-        raise FrameError(f"compressed frame ({codec}) without a valid uncompressed type/size: {exc}") from exc
-    # pvapy's decompressors look the type up by pvData scalar type.
-    try:
-        decompress = AdImageUtility.getDecompressor(codec)
-        out = decompress(np.asarray(data).view(np.uint8), _SCALAR_BY_DTYPE[dtype], uncompressed)
-    except Exception as exc:
-        raise FrameError(f"cannot decompress {codec} frame: {exc}") from exc
-    return np.asarray(out, dtype=dtype)
+        raise FrameError(f"compressed frame ({codec}) without uncompressedSize/compressedSize: {exc}") from None
+    return compression.decompress(
+        codec, data, dtype, n_values, uncompressed_size=uncompressed, compressed_size=compressed
+    )
 
 
 def _color_mode(attributes: dict[str, Any]) -> int | None:
@@ -332,7 +325,10 @@ def decode_ntndarray(
 
     codec = str(pv["codec"]["name"] or "")
     if codec:
-        data = _decompress(pv, data, codec)
+        try:
+            data = _decompress(pv, data, codec, int(np.prod(shape, dtype=object)))
+        except FrameError as exc:
+            raise FrameError(f"frame {unique_id}: {exc}") from None
     try:
         dtype = check_dtype(data.dtype if codec else DTYPE_BY_FIELD[union_field])
     except FrameError as exc:
@@ -408,6 +404,24 @@ def encode_ntndarray(
     attrs = {"ColorMode": COLOR_MODE_MONO}
     attrs.update(attributes or {})
     nt["attribute"] = [_make_attribute(k, v) for k, v in attrs.items()]
+    return nt
+
+
+def compress_ntndarray(nt: Any, pixels: np.ndarray, codec_name: str, *, hdf5_framed: bool = False) -> Any:
+    """Replace ``nt``'s value by ``pixels`` compressed with ``codec_name``, as ADCore's
+    NDPluginCodec + NTNDArrayConverter publish it: ``value.ubyteValue`` = the compressed bytes,
+    ``compressedSize`` = their number, ``uncompressedSize`` = pixels x itemsize, ``codec.name``,
+    ``codec.parameters`` = PVInt(pvData scalar type of the pixels). Dimensions are unchanged.
+    ``hdf5_framed``: send lz4/bslz4 as the HDF5 chunk (what ``pvapy-ad-sim-server -hcm`` sends).
+    Returns ``nt``."""
+    pixels = np.ascontiguousarray(pixels)
+    if not codec_name:
+        return nt
+    payload = np.frombuffer(compression.compress(codec_name, pixels, hdf5_framed=hdf5_framed), np.uint8)
+    nt["value"] = {"ubyteValue": payload}
+    nt["codec"] = {"name": codec_name, "parameters": pva.PvInt(int(_SCALAR_BY_DTYPE[pixels.dtype]))}
+    nt["compressedSize"] = int(payload.size)
+    nt["uncompressedSize"] = int(pixels.nbytes)
     return nt
 
 
