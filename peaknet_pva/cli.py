@@ -364,6 +364,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_main(args) or 0)
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor.app import MonitorOptions, run_monitor
+    from .monitor.pva_source import expand_channels
+
+    if args.consumers < 1:
+        raise UsageError(f"argument --consumers: must be >= 1, got {args.consumers}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"argument --port: must be 0..65535, got {args.port}")
+    for name in ("window_min", "image_hz", "push_hz"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"argument --{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
+    _existing(args.geometry, "--geometry")
+    outputs = expand_channels(args.channels, args.consumers)
+    statuses = expand_channels(args.status, args.consumers)
+    if not outputs:
+        raise UsageError("argument --channels: no channel given")
+    opts = MonitorOptions(
+        output_channels=outputs, status_channels=statuses, host=args.host, port=args.port, geometry=args.geometry,
+        window_s=60.0 * args.window_min, min_peaks=args.min_peaks, image_hz=args.image_hz, push_hz=args.push_hz,
+        runtime_s=args.runtime,
+    )
+
+    def announce(url: str) -> None:
+        print(f"peaknet-pva monitor: {url} ({len(outputs)} output, {len(statuses)} status channels)", flush=True)
+
+    try:
+        return run_monitor(opts, announce=announce)
+    except ModuleNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"argument --port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peaknet-pva", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -461,6 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--force", action="store_true", help="overwrite an existing --out")
     s.set_defaults(func=_cmd_geometry)
+
+    s = sub.add_parser("monitor", help="live web page: hit rate, peakogram, powder pattern, latest hit (docs/MONITOR.md)")
+    s.add_argument("--channels", default="peaknet:*:output",
+                   help="output channels: a pattern ('*' = consumer ids 1..--consumers) or a comma list")
+    s.add_argument("--status", default="peaknet:*:status", help="status channels, the same way ('' = none)")
+    s.add_argument("--consumers", type=int, default=8,
+                   help="ids that '*' expands to (PVA has no wildcard search; ids that never appear are not shown)")
+    s.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port; the URL is printed)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--geometry", default=None, help="CrystFEL .geom to assemble panels (default: panels in a grid)")
+    s.add_argument("--window-min", type=float, default=5.0, help="minutes of rate history shown")
+    s.add_argument("--min-peaks", type=int, default=10, help="hit threshold until a consumer's status says its own")
+    s.add_argument("--image-hz", type=float, default=2.0, help="most images decoded per second (peaks: every frame)")
+    s.add_argument("--push-hz", type=float, default=4.0, help="page updates per second")
+    s.add_argument("--runtime", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)")
+    s.set_defaults(func=_cmd_monitor)
 
     s = sub.add_parser("bench", help="frames/s of PeakFinder on this machine (no PVA)")
     s.add_argument("--detector", default="single")
