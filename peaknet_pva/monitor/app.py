@@ -83,6 +83,8 @@ def run_monitor(opts: MonitorOptions, *, announce: Callable[[str], None] | None 
         if timer is not None:
             timer.start()
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # a second Ctrl-C during uvicorn's graceful shutdown
+        pass
     finally:
         if timer is not None:
             timer.cancel()

@@ -77,8 +77,8 @@ def create_app(state: MonitorState, *, push_hz: float = 4.0) -> Any:
                     sent = hit["version"]
                 await websocket.send_text(await run_in_threadpool(to_json, snap))
                 await asyncio.sleep(max(period - (loop.time() - t0), 0.01))
-        except (WebSocketDisconnect, RuntimeError, ConnectionError):
-            return
+        except (WebSocketDisconnect, RuntimeError, ConnectionError, asyncio.CancelledError):
+            return  # the page went away, or the server is shutting down
 
     return Starlette(routes=[Route("/", index), Route("/api/snapshot", snapshot), WebSocketRoute("/ws", stream)])
 
