@@ -82,6 +82,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_consumers=args.consumers,
         detector=args.detector,
         weights=args.weights,
+        monitor_port=None if args.no_monitor else args.monitor_port,
+        linger_s=args.linger,
+        channel_prefix=args.prefix,
     )
     print(summary.as_text())
     return 0 if summary.ok else 1
@@ -420,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--consumers", type=int, default=2, help="consumers per set (-nc)")
     s.add_argument("--detector", default="single")
     s.add_argument("--weights", default="default")
+    s.add_argument("--monitor-port", type=int, default=8080,
+                   help="live monitor page on 127.0.0.1 (another free port if taken; URL printed)")
+    s.add_argument("--no-monitor", action="store_true", help="run without the monitor page")
+    s.add_argument("--prefix", default="", help="prefix of every channel name (e.g. 'me:'), to run beside another demo")
+    s.add_argument("--linger", type=float, default=0.0, help="seconds to keep the monitor up after the summary")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("train", help="train PeakNet on simulated frames; see 'train --help'", add_help=False)

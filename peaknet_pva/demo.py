@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .loopback import apply_loopback_env, loopback_env
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class DemoSummary:
     accuracy: dict[str, Any] = field(default_factory=dict)
     png: str = ""
     channels: dict[str, str] = field(default_factory=dict)
+    monitor_url: str = ""
+    monitor_frames: int = 0
 
     def as_text(self) -> str:
         acc = self.accuracy
@@ -76,8 +79,48 @@ class DemoSummary:
             )
         if self.png:
             lines.append(f"  picture             {self.png}")
+        if self.monitor_url:
+            lines.append(f"  live monitor page   {self.monitor_url}  (ran during the demo; saw {self.monitor_frames} frames)")
         lines.append(f"  watch live with     c2dv --app image --pv {self.channels.get('output', '')}")
         return "\n".join(lines)
+
+
+def _channels_in_use(names: list[str], timeout_s: float = 1.0) -> list[str]:
+    """The names among ``names`` that some server already answers for."""
+    from .pva import procs
+
+    busy = []
+    for name in names:
+        try:
+            procs.get_channel(name, timeout_s)
+        except Exception:  # pvaccess raises its own types on timeout: not served
+            continue
+        busy.append(name)
+    return busy
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _monitor_frames(url: str) -> int:
+    """Frames the monitor page has counted, over all consumers (0 if it does not answer)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "api/snapshot", timeout=5.0) as resp:
+            snap = json.loads(resp.read())
+        return int(sum(c.get("frames", 0) for c in snap.get("consumers", [])))
+    except (OSError, ValueError) as exc:
+        log.warning("monitor snapshot not read: %s", exc)
+        return 0
 
 
 def _user_stats(names: list[str]) -> list[dict[str, Any]]:
@@ -103,8 +146,15 @@ def run_demo(
     weights: str = "default",
     channel_prefix: str = "",
     seed: int = 7,
+    monitor_port: int | None = 8080,
+    linger_s: float = 0.0,
 ) -> DemoSummary:
-    """Run the demo; returns its summary (also written to ``<run_dir>/summary.json``)."""
+    """Run the demo; returns its summary (also written to ``<run_dir>/summary.json``).
+
+    ``monitor_port``: the live monitor page runs alongside on 127.0.0.1 (8080, or any free port
+    when that one is taken; None = no monitor); its URL is logged as soon as it is up, nothing is
+    opened. ``linger_s`` keeps the monitor serving that long after the summary is measured.
+    """
     apply_loopback_env()
     from .evaluate import evaluate
     from .plotting import plot_frame_peaks
@@ -130,6 +180,11 @@ def run_demo(
         "wr_status": f"{pre}cxi:*:status",
         "wr_control": f"{pre}cxi:*:control",
     }
+    busy = _channels_in_use([ch["image"], ch["pk_status"].replace("*", "1"), ch["wr_status"].replace("*", "1")])
+    if busy:
+        # Two demos on the same names would trade frames silently; refuse instead.
+        raise ConfigError(f"channel(s) already served on this network: {', '.join(busy)}; another demo or "
+                          "pipeline is running: stop it or pick another --prefix")
     min_peaks = 10
     pk_args = {
         "weights": weights,
@@ -159,6 +214,16 @@ def run_demo(
             log_path=run_dir / "replay.log", env=env,
         )
         started.append(replay)
+        if monitor_port is not None:
+            try:
+                mon_proc, summary.monitor_url = procs.start_monitor(
+                    ch["pk_out"], status=ch["pk_status"], n_consumers=n_consumers,
+                    port=monitor_port if _port_free(monitor_port) else 0, min_peaks=min_peaks,
+                    log_path=run_dir / "monitor.log", env=env)
+                started.append(mon_proc)
+                log.info("live monitor page: %s (open it in a browser)", summary.monitor_url)
+            except (RuntimeError, OSError) as exc:  # the demo goes on without its page, and says so
+                log.warning("monitor page not started: %s", str(exc).splitlines()[0])
         pk = procs.start_consumer(
             "peaknet_pva.PeakNetImageProcessor", ch["image"], output_channel=ch["pk_out"],
             status_channel=ch["pk_status"], control_channel=ch["pk_control"], n_consumers=n_consumers,
@@ -189,6 +254,11 @@ def run_demo(
             time.sleep(1.5)  # the status channels refresh once per report period (1 s): read a fresh one
             pk_stats = _user_stats(pk.status_channels)
             published = mon.snapshot()
+            if summary.monitor_url:
+                summary.monitor_frames = _monitor_frames(summary.monitor_url)
+            if linger_s > 0 and summary.monitor_url:
+                log.info("keeping the monitor page up for %.0f s: %s", linger_s, summary.monitor_url)
+                time.sleep(linger_s)
         log.info("stopping inference consumers (SIGINT: they drain), then writers")
         pk.stop(timeout_s=STOP_TIMEOUT_S)
         time.sleep(1.0)

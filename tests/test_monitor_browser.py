@@ -5,10 +5,7 @@ hit shows one circle per published peak; keeps a screenshot (tmp dir and out/mon
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,25 +40,6 @@ def _driver(tmp_path: Path):
     return drv
 
 
-def _start_monitor(tag: str, tmp_path: Path) -> tuple[procs.ManagedProcess, str]:
-    log_path = tmp_path / "monitor.log"
-    cmd = [sys.executable, "-m", "peaknet_pva.cli", "monitor", "--channels", f"{tag}:pk:*:output",
-           "--status", f"{tag}:pk:*:status", "--consumers", "2", "--port", "0", "--min-peaks", "1", "--runtime", "300"]
-    mon = procs._spawn("monitor", cmd, log_path, None, None)
-    url = ""
-    deadline = time.monotonic() + 30
-    while not url and time.monotonic() < deadline:
-        m = re.search(r"http://127\.0\.0\.1:\d+/", mon.log_text())
-        url = m.group(0) if m else ""
-        if mon.poll() is not None:
-            break
-        time.sleep(0.2)
-    if not url:
-        mon.stop(5)
-        raise RuntimeError(f"monitor did not start:\n{mon.log_text()}")
-    return mon, url
-
-
 def test_monitor_page_in_chromium(tmp_path: Path) -> None:
     drv = _driver(tmp_path)
     n_frames = 40
@@ -69,7 +47,8 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
     data_dir = tiny_dataset(tmp_path / "data", n_frames=n_frames, seed=5)
     args = dict(PEAKNET_CPU_ARGS, weights="default")
     args.pop("model")
-    mon, url = _start_monitor(tag, tmp_path)
+    mon, url = procs.start_monitor(f"{tag}:pk:*:output", status=f"{tag}:pk:*:status", n_consumers=2, port=0,
+                                   min_peaks=1, runtime_s=300, log_path=tmp_path / "monitor.log")
     replay = procs.start_replay(data_dir, f"{tag}:image", fps=20, wait_connected=[f"{tag}:pk:1:status"],
                                 extra=["--wait-timeout", str(2 * START_TIMEOUT_S), "--report-period", "0"],
                                 log_path=tmp_path / "replay.log")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -312,6 +313,41 @@ def start_replay(
         cmd += ["--three-d"]
     cmd += list(extra)
     return _spawn(name, cmd, log_path, env, None)
+
+
+def start_monitor(
+    channels: str,
+    *,
+    status: str = "",
+    n_consumers: int = 8,
+    port: int = 8080,
+    min_peaks: int = 10,
+    runtime_s: float = 0.0,
+    log_path: str | Path,
+    env: dict[str, str] | None = None,
+    start_timeout_s: float = 30.0,
+    name: str = "monitor",
+) -> tuple[ManagedProcess, str]:
+    """Start ``peaknet-pva monitor`` and wait until it prints its URL (read from ``log_path``);
+    returns (process, url).
+
+    ``port`` 0 takes any free port. A monitor that exits or stays silent raises RuntimeError with
+    its log (and is stopped).
+    """
+    cmd = [sys.executable, "-m", "peaknet_pva.cli", "monitor", "--channels", channels, "--status", status,
+           "--consumers", str(n_consumers), "--port", str(port), "--min-peaks", str(min_peaks),
+           "--runtime", str(runtime_s)]
+    proc = _spawn(name, cmd, log_path, env, None)
+    deadline = time.monotonic() + start_timeout_s
+    while time.monotonic() < deadline:
+        m = re.search(r"peaknet-pva monitor: (http://\S+/)", proc.log_text())
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.stop(5)
+    raise RuntimeError(f"monitor did not start:\n{proc.log_text()[-3000:]}")
 
 
 def start_ad_sim_server(
