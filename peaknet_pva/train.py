@@ -66,6 +66,9 @@ class TrainParams:
     init: str = ""
     #: processes drawing batches ahead of the training loop (0 = in the loop).
     workers: int = 1
+    #: top of the training background range (photons/pixel, log-uniform from 0.01). Validation
+    #: always uses ``DomainParams``' own range, so runs with different ranges compare.
+    max_background: float = 300.0
 
     def __post_init__(self) -> None:
         if self.crop % 32:
@@ -75,6 +78,8 @@ class TrainParams:
                 raise ConfigError(f"{name} must be >= 1")
         if not 0.0 <= self.sim_fraction <= 1.0:
             raise ConfigError(f"sim_fraction must be in [0, 1], got {self.sim_fraction}")
+        if not self.max_background > 0.01:
+            raise ConfigError(f"max_background must be > 0.01 photons/pixel, got {self.max_background}")
         if self.norm not in ("instance", "robust"):
             raise ConfigError(f"norm must be instance or robust, got {self.norm!r}")
 
@@ -304,7 +309,9 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
     torch.manual_seed(params.seed)
     torch.set_num_threads(params.threads)
     dev = resolve_device(device)
-    domain = DomainParams(label_fraction=params.label_fraction)
+    domain = DomainParams(label_fraction=params.label_fraction,
+                          background=(DomainParams.background[0], params.max_background))
+    val_domain = DomainParams(label_fraction=params.label_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = _init_model(params).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -319,7 +326,9 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
     if state_path.exists():
         # weights_only: a planted last.pt cannot run code; everything saved is tensors and plain data.
         state = torch.load(state_path, map_location=dev, weights_only=True)
-        saved, now = dict(state["params"]), _plain(asdict(params))
+        # Fields added since the run started count at their defaults.
+        saved = {**_plain(asdict(TrainParams())), **dict(state["params"])}
+        now = _plain(asdict(params))
         horizon_change = saved.pop("steps") != now.pop("steps")
         if saved != now:
             raise ConfigError(f"{state_path} was trained with other parameters; use a new --out")
@@ -342,7 +351,7 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
         if params.sim_fraction > 0
         else PanelPool()
     )
-    val_broad, val_sim = validation_set(params, domain)
+    val_broad, val_sim = validation_set(params, val_domain)
     ceiling = label_ceiling(val_broad)
     log.info("validation ceiling (components of the broad labels): F1 %.4f P %.4f R %.4f",
              ceiling["f1"], ceiling["precision"], ceiling["recall"])
@@ -398,6 +407,7 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
             if step >= params.steps:
                 break
     record = {"params": _plain(asdict(params)), "horizons": horizons, "domain": _plain(domain.as_dict()),
+              "validation_domain": _plain(val_domain.as_dict()),
               "history": history, "label_ceiling_broad": ceiling,
               "best_score": best_score, "device": str(dev)}
     (out_dir / "train.json").write_text(json.dumps(record, indent=2))
