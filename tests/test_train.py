@@ -132,21 +132,25 @@ def test_label_ceiling_counts_merged_labels_as_misses():
     assert touching["tp"] == 2 and touching["recall"] == pytest.approx(2 / 3)  # 3 spots, 2 components
 
 
-def test_max_background_widens_training_not_validation(tmp_path: Path):
+def test_max_background_and_detect_snr_change_training_not_validation(tmp_path: Path):
     """--max-background moves the top of the training background range; validation keeps the
     default domain (runs compare); a run saved before the field existed still resumes."""
     with pytest.raises(ConfigError, match="max_background"):
         TrainParams(max_background=0.001)
+    with pytest.raises(ConfigError, match="detect_snr"):
+        TrainParams(detect_snr=0.5)
     out = tmp_path / "run"
-    record = train(TrainParams(steps=2, max_background=1000.0, **TINY), out, device="cpu", progress=False)
-    assert record["domain"]["background"] == [0.01, 1000.0]
+    record = train(TrainParams(steps=2, max_background=1000.0, detect_snr=5.0, **TINY), out, device="cpu",
+                   progress=False)
+    assert record["domain"]["background"] == [0.01, 1000.0] and record["domain"]["detect_snr"] == 5.0
     assert record["validation_domain"]["background"] == [0.01, 300.0]
+    assert record["validation_domain"]["detect_snr"] == 6.0
     # An older last.pt has no max_background key: it counts at its default, so resuming works.
     state = torch.load(out / "last.pt", weights_only=True)
-    del state["params"]["max_background"]
+    del state["params"]["max_background"], state["params"]["detect_snr"]
     state["params"]["steps"] = 2
     torch.save(state, out / "last.pt")
     with pytest.raises(ConfigError, match="other parameters"):  # saved default 300 != 1000 now
-        train(TrainParams(steps=3, max_background=1000.0, **TINY), out, device="cpu", progress=False)
+        train(TrainParams(steps=3, max_background=1000.0, detect_snr=5.0, **TINY), out, device="cpu", progress=False)
     record = train(TrainParams(steps=3, **TINY), out, device="cpu", progress=False)
     assert [h["step"] for h in record["history"]] == [2, 3]
