@@ -91,6 +91,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    if "-h" in rest or "--help" in rest:  # without importing torch
+        from .train_params import build_parser
+
+        build_parser().parse_args(rest)
     from .train import train_main
 
     return int(train_main(rest) or 0)

@@ -10,7 +10,6 @@ the loss is a focal loss (peaks cover well under 1 % of pixels). See docs/TRAINI
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import logging
@@ -29,65 +28,9 @@ from typing import Any
 
 from .augment import DomainParams
 from .errors import ConfigError
+from .train_params import TrainParams, build_parser, params_from_args
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything that decides the trained weights (saved next to them)."""
-
-    preset: str = "peaknet-atto-s"
-    detectors: tuple[str, ...] = ("single", "epix10k2m", "jungfrau4m")
-    frames_per_detector: int = 32
-    val_frames_per_detector: int = 1
-    val_panels: int = 48
-    crop: int = 96
-    batch_size: int = 16
-    steps: int = 3000
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    focal_gamma: float = 2.0
-    pos_weight: float = 4.0
-    label_fraction: float = 0.3
-    spot_centred: float = 0.5
-    seed: int = 0
-    eval_every: int = 250
-    threads: int = 2
-    balance_detectors: bool = True
-    #: input normalisation the weights are trained for (stored in the checkpoint config).
-    norm: str = "robust"
-    #: share of crops from the physical simulator's presets; the rest come from ``augment``.
-    sim_fraction: float = 0.25
-    #: crops cut from each freshly drawn ``augment`` panel.
-    crops_per_panel: int = 4
-    #: start from these weights ("" = random init, "default" = the shipped ones, or a path).
-    init: str = ""
-    #: processes drawing batches ahead of the training loop (0 = in the loop).
-    workers: int = 1
-    #: top of the training background range (photons/pixel, log-uniform from 0.01). Validation
-    #: always uses ``DomainParams``' own range, so runs with different ranges compare.
-    max_background: float = 300.0
-    #: SNR from which a training spot is labelled (``DomainParams.detect_snr``). Validation always
-    #: scores against ``DomainParams``' own rule (6); a peak found on a weaker real spot counts
-    #: neither way there, so training the boundary lower buys recall at the reporting boundary.
-    detect_snr: float = 6.0
-
-    def __post_init__(self) -> None:
-        if self.crop % 32:
-            raise ConfigError(f"crop must be a multiple of 32, got {self.crop}")
-        for name in ("steps", "batch_size", "frames_per_detector", "crops_per_panel"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
-        if not 0.0 <= self.sim_fraction <= 1.0:
-            raise ConfigError(f"sim_fraction must be in [0, 1], got {self.sim_fraction}")
-        if not 1.0 <= self.detect_snr <= 50.0:
-            raise ConfigError(f"detect_snr must be in [1, 50], got {self.detect_snr}")
-        if not self.max_background > 0.01:
-            raise ConfigError(f"max_background must be > 0.01 photons/pixel, got {self.max_background}")
-        if self.norm not in ("instance", "robust"):
-            raise ConfigError(f"norm must be instance or robust, got {self.norm!r}")
 
 
 @dataclass
@@ -425,33 +368,10 @@ def _plain(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def train_main(argv: list[str] | None = None) -> int:
     """CLI: ``peaknet-pva train --out DIR [--steps N] [--preset P] [--seed S] [--device D]``."""
-    defaults = TrainParams()
-    p = argparse.ArgumentParser(prog="peaknet-pva train", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="run directory (resumes if last.pt is there)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, tuple):
-            p.add_argument(flag, default=",".join(value))
-        elif isinstance(value, bool):
-            p.add_argument(flag, type=_parse_bool, default=value, metavar="{true,false}")
-        else:
-            p.add_argument(flag, type=type(value), default=value)
-    args = p.parse_args(argv)
-    kwargs = {k: getattr(args, k) for k in asdict(defaults)}
-    kwargs["detectors"] = tuple(str(args.detectors).split(","))
-    params = TrainParams(**kwargs)
+    args = build_parser().parse_args(argv)
+    params = params_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text("peaknet-pva train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "\n")

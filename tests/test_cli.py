@@ -101,6 +101,13 @@ def test_help_is_fast_and_imports_no_torch():
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0 and "infer" in res.stdout
     assert elapsed < 5.0  # ~0.2 s on an idle machine; generous for a loaded test box
+    # every subcommand's --help answers without torch (train and replay parse their own options)
+    for sub in ("train", "replay", "evaluate", "infer", "demo", "monitor"):
+        code = ("import sys; sys.argv = ['peaknet-pva', %r, '--help']; import peaknet_pva.cli as c\n"
+                "try:\n    c.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+                "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))") % sub
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert "usage: peaknet-pva" in out.stdout and out.stdout.strip().endswith("[]"), (sub, out.stdout[-300:], out.stderr)
 
 
 @pytest.mark.parametrize(
