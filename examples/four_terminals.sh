@@ -14,6 +14,7 @@
 #     SOURCE=replay bash examples/four_terminals.sh    # per-frame PhotonEnergy from the simulator
 #     ARGS_FILE=examples/args/gpu-4consumers.json NC=4 DU=8 FPS=500 bash examples/four_terminals.sh
 #     DETECTOR=epix10k2m ARGS_FILE=examples/args/epix10k2m.json OUT=out/ft-epix bash examples/four_terminals.sh
+#     PREFIX=me: bash examples/four_terminals.sh          # channel names me:pvapy:image, me:peaknet:<k>:output, ...
 #
 # The "terminal N" commands below can also be typed into separate terminals, with the variables they
 # use set by hand (docs/OPERATIONS.md section 1 has them written out). DETECTOR needs the matching
@@ -48,6 +49,8 @@ N_FRAMES="${N_FRAMES:-100}"                      # distinct simulated frames (th
 ARGS_FILE="${ARGS_FILE:-examples/args/cpu.json}" # PeakNetImageProcessor --processor-args
 WRITER_ARGS_FILE="${WRITER_ARGS_FILE:-examples/args/cxi-writer.json}"
 OUT="${OUT:-out/four_terminals}"
+PREFIX="${PREFIX:-}"                             # prepended to every channel name (e.g. "me:")
+IMAGE="${PREFIX}pvapy:image"; PK="${PREFIX}peaknet"; CX="${PREFIX}cxi"
 STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-300}"        # seconds for model load + warm-up per consumer set
 DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-300}"            # max seconds to wait for the backlog after the source ends
 STOP_TIMEOUT="${STOP_TIMEOUT:-120}"              # seconds a set gets to drain after SIGINT
@@ -128,10 +131,10 @@ fi
 # each consumer K consecutive frames in turn. -sqs: server-side queue per consumer (the default of 0
 # means pvAccess's 2-deep queue: frames are lost at kHz). -rt: hard time bound. -dc: no curses.
 "$BIN/pvapy-hpc-consumer" \
-    --input-channel pvapy:image \
-    --output-channel 'peaknet:*:output' \
-    --control-channel 'peaknet:*:control' \
-    --status-channel 'peaknet:*:status' \
+    --input-channel "$IMAGE" \
+    --output-channel "$PK"':*:output' \
+    --control-channel "$PK"':*:control' \
+    --status-channel "$PK"':*:status' \
     --processor-class "$PEAKNET_CLASS" \
     --processor-args "$PEAKNET_ARGS" \
     --n-consumers "$NC" --distributor-updates "$DU" \
@@ -139,16 +142,16 @@ fi
     --report-period 5 --runtime "$CONSUMER_RT" --disable-curses \
     > "$OUT/logs/peaknet.log" 2>&1 &
 PIDS+=($!)
-wait_status "${PIDS[0]}" $(channels 'peaknet:*:status') || { tail -n 30 "$OUT/logs/peaknet.log" >&2; exit 1; }
+wait_status "${PIDS[0]}" $(channels "$PK"':*:status') || { tail -n 30 "$OUT/logs/peaknet.log" >&2; exit 1; }
 
 # --- terminal 2: CXI writer consumers --------------------------------------------------------------------
 # Writer k reads peaknet:k:output ("*" is the consumer id, not a wildcard), so -nc matches terminal 1.
 # No -du here (one client per channel). -oo tells pvapy's nMissed that each writer sees blocks of DU ids
 # every NC*DU; without it processorStats.nMissed counts the other consumers' frames as missed.
 "$BIN/pvapy-hpc-consumer" \
-    --input-channel 'peaknet:*:output' \
-    --control-channel 'cxi:*:control' \
-    --status-channel 'cxi:*:status' \
+    --input-channel "$PK"':*:output' \
+    --control-channel "$CX"':*:control' \
+    --status-channel "$CX"':*:status' \
     --processor-class "$CXI_CLASS" \
     --processor-args "$CXI_ARGS" \
     --n-consumers "$NC" \
@@ -157,30 +160,30 @@ wait_status "${PIDS[0]}" $(channels 'peaknet:*:status') || { tail -n 30 "$OUT/lo
     --report-period 5 --runtime "$CONSUMER_RT" --disable-curses \
     > "$OUT/logs/cxi.log" 2>&1 &
 PIDS+=($!)
-wait_status "${PIDS[1]}" $(channels 'cxi:*:status') || { tail -n 30 "$OUT/logs/cxi.log" >&2; exit 1; }
+wait_status "${PIDS[1]}" $(channels "$CX"':*:status') || { tail -n 30 "$OUT/logs/cxi.log" >&2; exit 1; }
 
 # --- terminal 4: viewer (optional; pip install c2dataviewer) ----------------------------------------------
 if [ "$VIEW" != "no" ] && command -v c2dv >/dev/null 2>&1 && [ -n "${DISPLAY:-}" ]; then
-    c2dv --app image --pv peaknet:1:output > "$OUT/logs/c2dv.log" 2>&1 &
+    c2dv --app image --pv "$PK:1:output" > "$OUT/logs/c2dv.log" 2>&1 &
     PIDS+=($!)
 else
-    echo "viewer: run 'c2dv --app image --pv peaknet:1:output' (and --pv pvapy:image) where c2dv is installed"
+    echo "viewer: run 'c2dv --app image --pv $PK:1:output' (and --pv $IMAGE) where c2dv is installed"
 fi
 
 # --- terminal 3: the source (runs in the foreground, ends by itself after RUNTIME s) -------------------------
-echo "source: $SOURCE, $FPS fps for $RUNTIME s on pvapy:image"
+echo "source: $SOURCE, $FPS fps for $RUNTIME s on $IMAGE"
 if [ "$SOURCE" = replay ]; then
     # Our replay server: NtNdArray + per-frame PhotonEnergy attribute from the simulator's truth.h5.
     # --wait-connected: stream only once every PeakNet consumer's monitor is connected (its status
     # channel shows receiverStats.nReceived >= 1; refreshed every -rp seconds).
-    WAITS=(); for ch in $(channels 'peaknet:*:status'); do WAITS+=(--wait-connected "$ch"); done
-    "$BIN/peaknet-pva" replay "$OUT/sim" -c pvapy:image --fps "$FPS" --loop -rt "$RUNTIME" "${WAITS[@]}" \
+    WAITS=(); for ch in $(channels "$PK"':*:status'); do WAITS+=(--wait-connected "$ch"); done
+    "$BIN/peaknet-pva" replay "$OUT/sim" -c "$IMAGE" --fps "$FPS" --loop -rt "$RUNTIME" "${WAITS[@]}" \
         > "$OUT/logs/source.log" 2>&1 &
 else
     # pvapy's simulator replaying the .npy (no per-frame attributes: photon_energy_ev in the args is used).
     # -std: seconds between serving the channel and the first frame, for the consumers' monitors to find
     # the new server (they searched before it existed); -shd: seconds it keeps serving after the last frame.
-    "$BIN/pvapy-ad-sim-server" -cn pvapy:image -if "$OUT/sim/frames.npy" -fps "$FPS" -rt "$RUNTIME" \
+    "$BIN/pvapy-ad-sim-server" -cn "$IMAGE" -if "$OUT/sim/frames.npy" -fps "$FPS" -rt "$RUNTIME" \
         -std 10 -shd 2 -rp "$(( FPS * 10 ))" -dc \
         > "$OUT/logs/source.log" 2>&1 &
 fi
@@ -190,12 +193,12 @@ wait "$SRC"
 echo "source done; waiting until every received frame is processed (at most ${DRAIN_TIMEOUT}s)"
 # The status channels refresh every report period (-rp 5). Drained: nFramesIn = nProcessed + nDropped
 # + nBadFrames and ringFill = 0 on every PeakNet consumer, and nQueued = 0 on every writer.
-"$PY" - "$DRAIN_TIMEOUT" "$NC" <<'EOF'
+"$PY" - "$DRAIN_TIMEOUT" "$NC" "$PK" "$CX" <<'EOF'
 import sys, time
 from peaknet_pva.pva.procs import read_status
-timeout, nc = float(sys.argv[1]), int(sys.argv[2])
-keys = {"peaknet": ("nFramesIn", "nProcessed", "nDropped", "nBadFrames", "nMissedIds", "nHits", "framesPerSecond"),
-        "cxi": ("nReceived", "nWritten", "nSkipped", "nBuffered", "nFiles", "nNoImage", "nDropped", "nWriteErrors")}
+timeout, nc, pk, cx = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+keys = {pk: ("nFramesIn", "nProcessed", "nDropped", "nBadFrames", "nMissedIds", "nHits", "framesPerSecond"),
+        cx: ("nReceived", "nWritten", "nSkipped", "nBuffered", "nFiles", "nNoImage", "nDropped", "nWriteErrors")}
 def snapshot():
     return {(s, k): read_status(f"{s}:{k}:status").get("userStats", {}) for s in keys for k in range(1, nc + 1)}
 deadline, last = time.monotonic() + timeout, None
@@ -208,8 +211,8 @@ while True:
         sys.exit(0)
     done = all(u.get("ringFill", 1) == 0 and u.get("nFramesIn", -1) ==
                u.get("nProcessed", 0) + u.get("nDropped", 0) + u.get("nBadFrames", 0)
-               for (s, _), u in snap.items() if s == "peaknet")
-    done = done and all(u.get("nQueued", 1) == 0 for (s, _), u in snap.items() if s == "cxi")
+               for (s, _), u in snap.items() if s == pk)
+    done = done and all(u.get("nQueued", 1) == 0 for (s, _), u in snap.items() if s == cx)
     if (done and snap == last) or time.monotonic() > deadline:
         break
     last = snap

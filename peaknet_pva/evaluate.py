@@ -240,8 +240,10 @@ def evaluate_main(args: Any) -> int:
     names = [b.strip() for b in str(getattr(args, "backends", "peaknet,peakfinder8")).split(",") if b.strip()]
     from tqdm.auto import tqdm
 
-    bar = tqdm(names, desc="evaluate", unit="backend", disable=not getattr(args, "progress", True) or len(names) < 2)
-    for name in bar:
+    # Progress in frames over all backends (a single-backend run shows one too).
+    bar = tqdm(total=len(names) * len(frames), desc="evaluate", unit="frame",
+               disable=not getattr(args, "progress", True))
+    for name in names:
         bar.set_postfix_str(name)
         try:
             t0 = time.perf_counter()
@@ -257,6 +259,7 @@ def evaluate_main(args: Any) -> int:
                 found = []
                 for start in range(0, len(frames), 4):
                     found.extend(finder.find_peaks(frames[start : start + 4]))
+                    bar.update(len(frames[start : start + 4]))
             elif name.split(":")[0] == "peaknet":
                 from .finder import PeakFinder
 
@@ -267,7 +270,10 @@ def evaluate_main(args: Any) -> int:
                 )
                 finder.warmup(frames.shape[1:], frames.dtype)
                 t0 = time.perf_counter()
-                found = finder.find(frames)
+                found = []
+                for start in range(0, len(frames), 4):
+                    found.extend(finder.find(frames[start : start + 4]))
+                    bar.update(len(frames[start : start + 4]))
             else:
                 raise ValueError(f"unknown backend {name!r} (peaknet, peaknet:intensity, peakfinder8)")
             elapsed = time.perf_counter() - t0
@@ -279,6 +285,7 @@ def evaluate_main(args: Any) -> int:
         except Exception as exc:  # report per backend, keep scoring the others
             result["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             rc = 1
+    bar.close()
     png = getattr(args, "png", None)
     if png and found_first is not None:
         from .plotting import plot_frame_peaks
