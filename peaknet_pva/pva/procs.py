@@ -290,12 +290,19 @@ def start_replay(
     photon_energy_ev: float | None = None,
     bad_every: int = 0,
     three_d: bool = False,
+    codec: str | None = None,
+    hdf5_framed: bool = False,
     extra: Sequence[str] = (),
     log_path: str | Path | None = None,
     env: dict[str, str] | None = None,
     name: str = "replay",
 ) -> ManagedProcess:
-    """Start our replay server (``python -m peaknet_pva.pva.replay``)."""
+    """Start our replay server (``python -m peaknet_pva.pva.replay``).
+
+    ``codec`` (``lz4``, ``bslz4``, ``blosc``, ``zlib``, ``lz4hdf5``; None/``"none"`` =
+    uncompressed) is its ``--codec``: frames sent compressed as ADCore's NDPluginCodec does;
+    ``hdf5_framed`` its ``--hdf5-framed`` (lz4/bslz4 as HDF5 chunks). A codec whose package is
+    missing makes the process exit 2 at once with a one-line error in its log."""
     cmd = [sys.executable, "-m", "peaknet_pva.pva.replay", str(source), "-c", channel, "--fps", str(fps)]
     if n_frames is not None:
         cmd += ["-n", str(n_frames)]
@@ -311,6 +318,10 @@ def start_replay(
         cmd += ["--bad-every", str(bad_every)]
     if three_d:
         cmd += ["--three-d"]
+    if codec and codec != "none":
+        cmd += ["--codec", str(codec)]
+    if hdf5_framed:
+        cmd += ["--hdf5-framed"]
     cmd += list(extra)
     return _spawn(name, cmd, log_path, env, None)
 

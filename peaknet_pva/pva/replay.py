@@ -7,6 +7,16 @@ frames into the stream (for tests). ::
 
     peaknet-pva replay sim/data -c pvapy:image --fps 100 --n-frames 1000
     python -m peaknet_pva.pva.replay frames.npy -c pvapy:image --photon-energy-ev 9500
+    peaknet-pva replay sim/data -c pvapy:image --codec bslz4
+
+With ``--codec`` every frame is sent compressed exactly as areaDetector's NDPluginCodec (ADCore)
+publishes it through NDPluginPva: ``value.ubyteValue`` = the compressed bytes, ``codec.name`` =
+the codec (``lz4``, ``bslz4``, ``blosc``, ``zlib``, ``lz4hdf5``), ``codec.parameters`` = a PVInt
+holding the pvData scalar type of the uncompressed pixels, ``compressedSize`` = the payload's
+length, ``uncompressedSize`` = pixels x itemsize, dimensions unchanged (see
+``compression.compress`` for each payload format). ``--hdf5-framed`` sends lz4/bslz4 as the HDF5
+filter chunk with its 12-byte header instead (as Eiger files hold it and
+``pvapy-ad-sim-server -hcm`` sends it). The libraries come with the ``codecs`` extra.
 
 Sources: a ``.npy`` stack of slabs ``(F, P*H, W)`` (or ``(F, P, H, W)``), or a simulated dataset
 (its folder or its ``truth.h5``, see ``peaknet_pva.simulate.save_dataset``).
@@ -17,6 +27,9 @@ In Python (tests, benchmarks)::
         srv.publish(frame, photon_energy_ev=9500.0)   # returns the uniqueId
         srv.publish_bad("nan")
         srv.stream(frames, fps=100, energies=energies)
+
+    with ReplayServer("test:image", codec="bslz4") as srv:   # ADCore-style compressed frames
+        srv.publish(frame)
 """
 
 from __future__ import annotations
@@ -35,14 +48,44 @@ from typing import Any
 import numpy as np
 import pvaccess as pva
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FrameError
 from ..loopback import apply_loopback_env
-from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, encode_ntndarray
+from . import compression
+from .codec import DEFAULT_PHOTON_ENERGY_ATTRIBUTE, compress_ntndarray, encode_ntndarray
 
 log = logging.getLogger(__name__)
 
 #: Kinds of bad frame ``publish_bad`` can send (DESIGN 2.1: each must be counted, not crash).
 BAD_KINDS = ("1d", "empty", "rows", "nan", "inf", "int64")
+
+#: ``--codec`` choices: ``none`` (uncompressed) and the lossless codecs of ADCore's NDPluginCodec.
+REPLAY_CODECS = ("none", "lz4", "bslz4", "blosc", "zlib", "lz4hdf5")
+#: Codecs ``--hdf5-framed`` applies to (the others have one payload format only).
+HDF5_FRAMED_CODECS = ("lz4", "bslz4")
+
+
+def check_replay_codec(codec: str | None, *, hdf5_framed: bool = False) -> str:
+    """Normalise ``codec`` (``None``/``""``/``"none"`` -> ``""``) and check it can be encoded here.
+
+    Raises ConfigError (one line) for an unknown codec, ``hdf5_framed`` with a codec it does not
+    apply to, or a codec whose package is missing, naming the package and the ``codecs`` extra.
+    """
+    name = (codec or "").strip().lower()
+    if name in ("", "none"):
+        if hdf5_framed:
+            raise ConfigError("--hdf5-framed needs --codec lz4 or bslz4")
+        return ""
+    if name not in REPLAY_CODECS:
+        raise ConfigError(f"unknown codec {codec!r}; choose from {', '.join(REPLAY_CODECS)}")
+    if hdf5_framed and name not in HDF5_FRAMED_CODECS:
+        raise ConfigError(f"--hdf5-framed applies to lz4 and bslz4, not {name}")
+    missing = compression.missing_modules(name)
+    if missing:
+        raise ConfigError(
+            f"--codec {name} needs the Python package{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+            f"which {'are' if len(missing) > 1 else 'is'} not installed ({compression.EXTRA_HINT})"
+        )
+    return name
 
 
 @dataclass
@@ -142,6 +185,12 @@ class ReplayServer:
 
     The record starts as an empty NtNdArray, so a monitor that connects before the first frame
     gets an empty initial update (which ``pvapy-hpc-consumer`` skips by default, ``-siu 1``).
+
+    ``codec`` (``lz4``, ``bslz4``, ``blosc``, ``zlib``, ``lz4hdf5``; ``None``/``"none"`` =
+    uncompressed): every frame, bad ones included, is sent compressed as ADCore's NDPluginCodec
+    publishes it (``codec.compress_ntndarray``); ``hdf5_framed``: lz4/bslz4 as HDF5 chunks.
+    ``bytes_raw`` / ``bytes_sent`` count the pixel bytes before and after compression.
+    Raises ConfigError when the codec's package is not installed.
     """
 
     def __init__(
@@ -151,7 +200,11 @@ class ReplayServer:
         energy_attribute: str = DEFAULT_PHOTON_ENERGY_ATTRIBUTE,
         three_d: bool = False,
         first_id: int = 1,
+        codec: str | None = None,
+        hdf5_framed: bool = False,
     ) -> None:
+        self.codec = check_replay_codec(codec, hdf5_framed=hdf5_framed)
+        self.hdf5_framed = bool(hdf5_framed)
         apply_loopback_env()
         self.channel = channel
         self.energy_attribute = energy_attribute
@@ -159,6 +212,8 @@ class ReplayServer:
         self.next_id = int(first_id)
         self.n_published = 0
         self.n_bad_published = 0
+        self.bytes_raw = 0
+        self.bytes_sent = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.server = pva.PvaServer()
@@ -191,6 +246,27 @@ class ReplayServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _encode(self, frame: np.ndarray, **kwargs: Any) -> Any:
+        """The NtNdArray for ``frame``: uncompressed, or compressed with ``self.codec``.
+
+        Frames of a dtype with no pvData scalar type (bool) or without pixels go uncompressed,
+        as ADCore cannot compress them either."""
+        frame = np.asarray(frame)
+        nt = encode_ntndarray(frame, **kwargs)
+        raw = int(frame.nbytes)
+        sent = raw
+        if self.codec and frame.size and frame.dtype != np.bool_:
+            compress_ntndarray(nt, frame, self.codec, hdf5_framed=self.hdf5_framed)
+            sent = int(nt["compressedSize"])
+        self.bytes_raw += raw
+        self.bytes_sent += sent
+        return nt
+
+    @property
+    def compression_ratio(self) -> float:
+        """Pixel bytes before / after compression so far (1.0 uncompressed or before any frame)."""
+        return self.bytes_raw / self.bytes_sent if self.bytes_sent else 1.0
+
     def publish(
         self,
         frame: np.ndarray,
@@ -205,7 +281,7 @@ class ReplayServer:
             attrs[self.energy_attribute] = float(photon_energy_ev)
         with self._lock:
             uid = self.next_id
-            nt = encode_ntndarray(frame, unique_id=uid, timestamp_ns=timestamp_ns, attributes=attrs, three_d=self.three_d)
+            nt = self._encode(frame, unique_id=uid, timestamp_ns=timestamp_ns, attributes=attrs, three_d=self.three_d)
             self.server.update(self.channel, nt)
             self.next_id += 1
             self.n_published += 1
@@ -233,7 +309,7 @@ class ReplayServer:
         frame = bad_frame(kind, self._last_like if like is None else like)
         with self._lock:
             uid = self.next_id
-            nt = encode_ntndarray(frame, unique_id=uid, three_d=False)
+            nt = self._encode(frame, unique_id=uid, three_d=False)
             if kind == "empty":
                 nt["dimension"] = []
             self.server.update(self.channel, nt)
@@ -303,7 +379,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="peaknet-pva replay",
         description="Stream frames (.npy or a simulated dataset) as NtNdArray with a per-frame "
-        "PhotonEnergy attribute over PVA. Frames get uniqueId 1, 2, ...",
+        "PhotonEnergy attribute over PVA. Frames get uniqueId 1, 2, ... With --codec they are sent "
+        "compressed as areaDetector's NDPluginCodec sends them.",
+        epilog="Compressed frames (--codec) are what an areaDetector IOC with an NDCodec plugin in front "
+        "of NDPluginPva publishes: value.ubyteValue = the compressed bytes, codec.name = the codec, "
+        "codec.parameters = the pvData scalar type of the uncompressed pixels, compressedSize and "
+        "uncompressedSize in bytes. lz4 = one LZ4 block; bslz4 = bitshuffle+LZ4 (bshuf_compress_lz4, "
+        "default block size); blosc = one c-blosc frame (blosclz, byte shuffle, typesize = pixel size); "
+        "zlib = one zlib stream; lz4hdf5 = the HDF5 LZ4 filter chunk. lz4, bslz4 and blosc need the "
+        'codecs extra: pip install "peaknet-pva[codecs]".',
     )
     p.add_argument("source", help=".npy stack (F, P*H, W) | simulated dataset folder | its truth.h5")
     p.add_argument("-c", "--channel", default="pvapy:image", help="PVA channel name (default: pvapy:image)")
@@ -326,6 +410,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel-shape", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="split .npy slabs into panels (only matters with --three-d)")
     p.add_argument("--three-d", action="store_true", help="send (P, H, W) 3-D arrays instead of (P*H, W) slabs")
+    p.add_argument("--codec", default="none", choices=REPLAY_CODECS, metavar="{" + ",".join(REPLAY_CODECS) + "}",
+                   help="send every frame compressed with this codec, as ADCore's NDPluginCodec does "
+                   "(default none = uncompressed); lz4/bslz4/blosc need the codecs extra")
+    p.add_argument("--hdf5-framed", action="store_true",
+                   help="with --codec lz4/bslz4: send the HDF5 filter chunk (12-byte big-endian header: "
+                   "total bytes, block bytes) as Eiger files hold it and pvapy-ad-sim-server -hcm sends it")
     p.add_argument("--bad-every", type=int, default=0, help="make every k-th update a bad frame (testing)")
     p.add_argument("--report-period", type=float, default=5.0, help="seconds between progress lines (0 = none)")
     return p
@@ -334,12 +424,19 @@ def _build_parser() -> argparse.ArgumentParser:
 def replay_main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (``peaknet-pva replay ...``); returns the exit status."""
     args = _build_parser().parse_args(list(argv) if argv is not None else None)
+    try:  # before anything starts: a missing codec package is one line and exit 2, not a traceback
+        codec = check_replay_codec(args.codec, hdf5_framed=args.hdf5_framed)
+    except ConfigError as exc:
+        print(f"peaknet-pva replay: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     apply_loopback_env()
     source = load_source(args.source, panel_shape=tuple(args.panel_shape) if args.panel_shape else None)
     frames = source.frames
     if args.three_d and frames.ndim == 3:
         frames = frames[:, None]
-    server = ReplayServer(args.channel, energy_attribute=args.energy_attribute, three_d=args.three_d)
+    server = ReplayServer(args.channel, energy_attribute=args.energy_attribute, three_d=args.three_d,
+                          codec=codec, hdf5_framed=args.hdf5_framed)
+    codec_note = f", codec {codec}{' (HDF5-framed)' if args.hdf5_framed else ''}" if codec else ""
 
     def _on_signal(signum: int, _frame: Any) -> None:
         server.request_stop()
@@ -348,8 +445,8 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         print(f"replay: serving {args.channel} ({source.n_frames} source frames of {frames.shape[1:]} "
-              f"{frames.dtype}, {'per-frame' if source.photon_energy_ev is not None else 'constant'} photon energy)",
-              flush=True)
+              f"{frames.dtype}, {'per-frame' if source.photon_energy_ev is not None else 'constant'} photon energy"
+              f"{codec_note})", flush=True)
         if args.wait_for:
             wait_for_channels(args.wait_for, args.wait_timeout)
         if args.wait_connected:
@@ -370,7 +467,8 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
             report_period_s=args.report_period,
         )
         elapsed = time.monotonic() - t0
-        print(f"replay: sent {sent} frames (last uniqueId {server.next_id - 1}) in {elapsed:.2f} s", flush=True)
+        ratio = f", {codec} {server.compression_ratio:.2f}x smaller" if codec else ""
+        print(f"replay: sent {sent} frames (last uniqueId {server.next_id - 1}) in {elapsed:.2f} s{ratio}", flush=True)
         if args.linger > 0:
             time.sleep(args.linger)
     finally:
@@ -382,4 +480,9 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sys.exit(replay_main())
+    try:
+        sys.exit(replay_main())
+    except (ConfigError, FrameError, FileNotFoundError) as _exc:  # one line, as ``peaknet-pva replay``
+        _msg = str(_exc).splitlines()[0] if str(_exc) else type(_exc).__name__
+        print(f"peaknet-pva replay: error: {_msg}", file=sys.stderr)
+        sys.exit(2)
