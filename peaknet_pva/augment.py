@@ -64,6 +64,10 @@ class DomainParams:
     kev_prob: float = 0.3  # of float frames: keV-calibrated (gain = photon energy in keV)
     pedestal_prob: float = 0.4
     hot_prob: float = 0.5
+    #: share of float frames whose hot pixels sit far above the frame's own range (log-uniform up
+    #: to 1e7 x gain: a new hot pixel at an ADC's full scale after calibration); 0 = the original
+    #: sampler, batch for batch.
+    hot_bright_prob: float = 0.0
     mask_prob: float = 0.35
     declare_mask_prob: float = 0.5
     detect_snr: float = 6.0
@@ -257,7 +261,10 @@ def sample_panel(rng: np.random.Generator, params: DomainParams | None = None, s
         idx = rng.integers(0, h * w, k)
         hot.reshape(-1)[idx] = True
         warm = rng.random(k) < 0.4
-        values.reshape(-1)[idx] = np.where(warm, pedestal + gain * _loguniform(rng, 20, 5000, k), saturation)
+        full = saturation
+        if is_float and p.hot_bright_prob > 0 and rng.random() < p.hot_bright_prob:
+            full = float(_loguniform(rng, saturation, max(saturation, 1e7 * gain)))
+        values.reshape(-1)[idx] = np.where(warm, pedestal + gain * _loguniform(rng, 20, 5000, k), full)
     bad = _bad_regions(rng, h, w) if rng.random() < p.mask_prob else np.zeros((h, w), bool)
     values[bad] = 0.0
     excluded = bad | hot

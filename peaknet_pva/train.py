@@ -259,7 +259,8 @@ def train(params: TrainParams, out_dir: Path, *, device: str = "auto", progress:
     torch.set_num_threads(params.threads)
     dev = resolve_device(device)
     domain = DomainParams(label_fraction=params.label_fraction, detect_snr=params.detect_snr,
-                          background=(DomainParams.background[0], params.max_background))
+                          background=(DomainParams.background[0], params.max_background),
+                          hot_prob=params.hot_prob, hot_bright_prob=params.hot_bright_prob)
     val_domain = DomainParams(label_fraction=params.label_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = _init_model(params).to(dev)

@@ -51,6 +51,9 @@ class TrainParams:
     #: scores against ``DomainParams``' own rule (6); a peak found on a weaker real spot counts
     #: neither way there, so training the boundary lower buys recall at the reporting boundary.
     detect_snr: float = 6.0
+    #: hot pixels in the training domain (``DomainParams.hot_prob`` / ``hot_bright_prob``).
+    hot_prob: float = 0.5
+    hot_bright_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop % 32:
@@ -60,6 +63,9 @@ class TrainParams:
                 raise ConfigError(f"{name} must be >= 1")
         if not 0.0 <= self.sim_fraction <= 1.0:
             raise ConfigError(f"sim_fraction must be in [0, 1], got {self.sim_fraction}")
+        for name in ("hot_prob", "hot_bright_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 1.0 <= self.detect_snr <= 50.0:
             raise ConfigError(f"detect_snr must be in [1, 50], got {self.detect_snr}")
         if not self.max_background > 0.01:

@@ -83,3 +83,21 @@ def test_smaller_labels_keep_the_same_detectable_spots():
     assert shrunk > 0
     with pytest.raises(ConfigError, match="label_fraction"):
         DomainParams(label_fraction=1.5)
+
+
+def test_bright_hot_pixels_only_when_asked():
+    """hot_bright_prob puts float frames' hot pixels far above the frame's range (a calibrated
+    full-scale hot pixel); at 0 the sampler draws exactly the original panels."""
+    base = dict(hot_prob=1.0, float_prob=1.0, kev_prob=0.0, dead_panel_prob=0.0, mask_prob=0.0, blank_prob=0.0)
+    ratios = {}
+    for bright in (0.0, 1.0):
+        p = DomainParams(hot_bright_prob=bright, **base)
+        r = []
+        for seed in range(12):
+            panel = sample_panel(np.random.default_rng(seed), p, shape=(96, 96))
+            r.append(float(panel.image.max() / max(np.percentile(panel.image, 99), 1.0)))
+        ratios[bright] = np.median(r)
+    assert ratios[1.0] > 3 * ratios[0.0], ratios  # measured ~7x (log-uniform up to 1e7 x gain)
+    a = sample_panel(np.random.default_rng(3), DomainParams(**base), shape=(96, 96))
+    b = sample_panel(np.random.default_rng(3), DomainParams(hot_bright_prob=0.0, **base), shape=(96, 96))
+    assert np.array_equal(a.image, b.image)
