@@ -272,7 +272,7 @@ def _color_mode(attributes: dict[str, Any]) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a ColorMode of +-inf
         return None
 
 
