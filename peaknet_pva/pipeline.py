@@ -94,6 +94,10 @@ class PeakNetBackend:
         with torch.inference_mode(), ctx:
             logits = self.model(x)
         mask = (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+        # Padding holds no data: a pixel there is never part of a peak (else a component at the
+        # right or bottom edge could put its centroid outside the frame).
+        mask[:, h:, :] = 0
+        mask[:, :, w:] = 0
         if bad is not None:
             b, p = frames.shape[:2]
             good = (~torch.broadcast_to(bad, frames.shape)).reshape(b * p, h, w).to(torch.uint8)

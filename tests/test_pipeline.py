@@ -150,3 +150,22 @@ def test_peakfinder_bf16_and_compile_match_fp32():
     assert abs(sum(t.n for t in bf16) - sum(t.n for t in ref)) <= 2
     compiled = PeakFinder(weights="default", device="cpu", batch_size=2, compile=True).find(frames)
     _tables_equal(compiled, ref)
+
+
+def test_peaknet_backend_never_peaks_in_the_padding():
+    """A component that runs from the frame's edge into the /32 padding keeps its pixels in the
+    frame only: its centroid stays inside (found flaky with random weights on a 619x981 frame)."""
+    from peaknet_pva.pipeline import PeakNetBackend
+
+    class EdgeLogits(torch.nn.Module):  # "peak" on the last 2 valid columns/rows and all padding
+        def forward(self, x):
+            peak = torch.zeros_like(x[:, 0])
+            peak[:, :, 37:] = 1.0
+            peak[:, 45:, :] = 1.0
+            return torch.stack([1.0 - peak, peak], 1)
+
+    frames = torch.rand(1, 2, 47, 39) * 10  # padded to 64 x 64
+    backend = PeakNetBackend(EdgeLogits(), norm="instance")
+    tables = backend.extract(backend.compute(frames), frames)
+    assert tables[0].n == 2  # one L-shaped edge component per panel
+    assert float(tables[0].x.max()) <= 38 and float(tables[0].y.max()) <= 46
