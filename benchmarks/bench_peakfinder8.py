@@ -11,11 +11,16 @@ which also builds our per-geometry tables) of the mean time per frame, and ``rat
 
 Before timing it checks that the sparse path gives the peaks of the dense reference (the
 every-pixel statistics of the original implementation, ``method="dense"``): equal counts and
-positions within 1e-3 px. With ``--dense`` it also times the dense path (slow). Without
-``ondamonitor`` (``pip install -e '.[bench]'``) the OM columns are null.
+positions within 1e-3 px. With ``--dense`` it also times the dense path (slow). With
+``--baseline FILE`` it also times another version of ``peaknet_pva/peakfinder8.py`` (e.g. the last
+commit's) in the same runs, interleaved frame by frame like OM, checks that it gives the same
+peaks, and prints ``baseline_ms``, ``baseline_ratio`` (baseline / OM) and ``vs_baseline`` (ours /
+baseline). Without ``ondamonitor`` (``pip install -e '.[bench]'``) the OM columns are null.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peakfinder8.py --repeats 5
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peakfinder8.py --layout epix10k2m --dense
+    git show HEAD:peaknet_pva/peakfinder8.py > /tmp/pf8_head.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peakfinder8.py --layout single --baseline /tmp/pf8_head.py
     python benchmarks/bench_peakfinder8.py --device cuda --repeats 10     # GPU path vs the CPU path
 
 Prints one JSON line per layout, then one summary line (median ratio over the layouts).
@@ -24,6 +29,7 @@ Prints one JSON line per layout, then one summary line (median ratio over the la
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -81,7 +87,19 @@ def agreement(ours: list[PeakTable], om: list[PeakTable]) -> dict[str, Any]:
     )
 
 
-def run_layout(name: str, n_frames: int, repeats: int, seed: int, dense: bool) -> dict[str, Any]:
+def load_baseline(path: str) -> Any:
+    """Another version of ``peaknet_pva/peakfinder8.py`` as a module (its relative imports resolve
+    in ``peaknet_pva``)."""
+    spec = importlib.util.spec_from_file_location("peaknet_pva._baseline_peakfinder8", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_layout(name: str, n_frames: int, repeats: int, seed: int, dense: bool, baseline: Any = None) -> dict[str, Any]:
     ds = simulate_dataset(n_frames, detector=name, seed=seed, progress=False)
     frames = ds.frames
     radius = get_detector(name).radius_map()
@@ -90,6 +108,9 @@ def run_layout(name: str, n_frames: int, repeats: int, seed: int, dense: bool) -
     ours = Peakfinder8(prm, radius=radius, mask=good, method="sparse")
     ref = Peakfinder8(prm, radius=radius, mask=good, method="dense")
     om = OmPeakfinder8(prm, radius, good) if load_om() is not None else None
+    base = None
+    if baseline is not None:
+        base = baseline.Peakfinder8(baseline.tuned_params(name), radius=radius, mask=good, method="sparse")
 
     ours_tables = [ours.find_peaks(f[None])[0] for f in frames]  # also builds the tables
     ref_tables = ref.find_peaks(frames)
@@ -101,23 +122,31 @@ def run_layout(name: str, n_frames: int, repeats: int, seed: int, dense: bool) -
     if om is not None:
         om_tables = om.find_peaks(frames)
         row.update(agreement(ours_tables, om_tables))
+    if base is not None:
+        row["baseline_max_pos_diff_px"] = same_peaks(ours_tables, [base.find_peaks(f[None])[0] for f in frames])
 
     t_ours: list[float] = []
     t_om: list[float] = []
+    t_base: list[float] = []
     slabs = [om.slab(f) for f in frames] if om is not None else []  # OM times its C++ call alone
     for run in range(repeats + 1):  # run 0 is the warm-up
-        s_ours = s_om = 0.0
+        s_ours = s_om = s_base = 0.0
         for i, f in enumerate(frames):
             if om is not None:
                 t0 = time.perf_counter()
                 om.raw(slabs[i])
                 s_om += time.perf_counter() - t0
+            if base is not None:
+                t0 = time.perf_counter()
+                base.find_peaks(f[None])
+                s_base += time.perf_counter() - t0
             t0 = time.perf_counter()
             ours.find_peaks(f[None])
             s_ours += time.perf_counter() - t0
         if run:
             t_ours.append(s_ours / n_frames)
             t_om.append(s_om / n_frames)
+            t_base.append(s_base / n_frames)
     row["ours_ms"] = round(1e3 * statistics.median(t_ours), 2)
     if om is not None:
         row["om_ms"] = round(1e3 * statistics.median(t_om), 2)
@@ -127,6 +156,12 @@ def run_layout(name: str, n_frames: int, repeats: int, seed: int, dense: bool) -
         row["ratio_min_max"] = [round(min(rr), 3), round(max(rr), 3)]
     else:
         row["om_ms"] = row["ratio"] = None
+    if base is not None:
+        row["baseline_ms"] = round(1e3 * statistics.median(t_base), 2)
+        row["baseline_ratio"] = None
+        if om is not None:
+            row["baseline_ratio"] = round(statistics.median(t_base) / statistics.median(t_om), 3)
+        row["vs_baseline"] = round(statistics.median(t_ours) / statistics.median(t_base), 3)
     if dense:
         td = []
         for _ in range(max(1, repeats // 2)):
@@ -195,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense", action="store_true", help="also time the dense reference path")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu (vs OM), or cuda[:N]: the GPU path vs the CPU path")
+    ap.add_argument("--baseline", default=None, metavar="FILE",
+                    help="another peakfinder8.py (git show HEAD:peaknet_pva/peakfinder8.py) timed in the same runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device != "cpu":
@@ -205,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = dict(host=platform.node(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                    torch=torch.__version__, numpy=np.__version__, ondamonitor=om_version())
     ratios = []
+    baseline = load_baseline(args.baseline) if args.baseline else None
     for name in LAYOUTS if args.layout == "all" else [args.layout]:
-        row = run_layout(name, args.frames or LAYOUTS[name], args.repeats, args.seed, args.dense)
+        row = run_layout(name, args.frames or LAYOUTS[name], args.repeats, args.seed, args.dense, baseline)
         if row["ratio"] is not None:
             ratios.append(row["ratio"])
         print(json.dumps(dict(row, **machine)), flush=True)

@@ -38,14 +38,18 @@ Candidates with no bright 8-neighbour (one-pixel regions) are dropped before ste
 **Two implementations, the same peaks** (``Peakfinder8(method=...)``). ``"dense"`` does steps
 1-4 on every pixel of the batch at every clipping round (tensor ops; the CUDA path). ``"sparse"``
 (the CPU default, ``"auto"``) gets the same pixel selections from one pass over each frame: a
-fixed subsample of each radius group gives a guess of its clipped mean and sigma; the pixels
-within ``_CORE_SIGMAS`` of it (the *core*, ~90 %) are summed once, the rest (the *tail*) is kept
-sorted by (group, value) so that every round's clipping window is one run per group (binary
-search, range sums), and each round checks in float32 that the core lies inside the window (a
-group where it does not has its core moved to the tail, so the guess only changes the speed).
-Bright pixels are then taken from the tail, and the local maximum is tested at those pixels only.
-Sums are float64 there (float32 in ``"dense"``), so thresholds agree to ~1e-6 relative; tests
-check equal counts and positions within 1e-3 px on the detector presets and on corner cases.
+fixed subsample of each radius group (one sorted row of up to ``_SUBSAMPLE`` pixels per group)
+gives a guess of its clipped mean and sigma; the pixels within ``_CORE_SIGMAS`` of it (the
+*core*, ~93 %) are summed once, the rest (the *tail*) is kept group by group and tested value by
+value at every round (each group's selection summed as one run), and each round checks in
+float32 that the core lies inside the window (a group where it does not has its core moved to
+the tail, so the guess only changes the speed). The pass runs in group order (the frame gathered
+once: per-group sums of contiguous runs, and a tail that comes out grouped). Bright pixels are
+then taken from the tail, and the local maximum is tested at those pixels only. With a few
+hundred candidates, steps 5-8 cost NumPy calls rather than arithmetic, so the CPU code keeps
+their number small. Sums are float64 there (float32 in ``"dense"``), so thresholds agree to ~1e-6
+relative; tests check equal counts and positions within 1e-3 px on the detector presets and on
+corner cases.
 
 **Radius.** ``Peakfinder8(params, radius=...)`` takes a per-pixel map ``(P, H, W)`` (or ``(H, W)``
 for one panel) in pixels from the beam centre, e.g. ``simulate.get_detector(name).radius_map()``;
@@ -258,52 +262,49 @@ def _clipped_stats(
 #: The sparse statistics (CPU): core half-width in guessed sigmas, and pixels per radius group in
 #: the subsample that gives each frame's guess of every group's clipped mean and sigma.
 _CORE_SIGMAS = 2.0
-_SUBSAMPLE = 128
+_SUBSAMPLE = 64
 _SUBSAMPLE_MIN = 48
 _SUBSAMPLE_FRACTION = 0.06
 _GUESS_ROUNDS = 2
-#: sorted sets up to this size are clipped by testing every value, larger ones by binary search
-_SMALL_RUNS = 20000
 
 
 _NEIGHBOURS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def _neighbour_higher(
-    xf: np.ndarray, valid: np.ndarray, pk: np.ndarray, yy: np.ndarray, xx: np.ndarray,
-    edge: np.ndarray, h: int, w: int, off: np.ndarray, dy: np.ndarray, dx: np.ndarray,
-) -> np.ndarray:
-    """For the flat pixels ``pk`` of one frame (panel rows ``yy``, columns ``xx``): is a valid
-    neighbour at one of the offsets higher? Panel borders only where ``edge``."""
-    out = np.zeros(pk.size, dtype=bool)
-    inner = np.flatnonzero(~edge)
-    if inner.size:
-        j = pk[inner, None] + off[None, :]
-        out[inner] = (valid[j] & (xf[j] > xf[pk[inner], None])).any(axis=1)
-    border = np.flatnonzero(edge)
-    if border.size:
-        ny, nx = yy[border, None] + dy[None, :], xx[border, None] + dx[None, :]
-        inb = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-        j = np.where(inb, pk[border, None] + off[None, :], pk[border, None])
-        out[border] = (inb & valid[j] & (xf[j] > xf[pk[border], None])).any(axis=1)
-    return out
+def _offsets(r: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat offsets (row stride ``w``), rows and columns of the ``(2r+1)²`` patch minus its centre."""
+    dy, dx = np.divmod(np.arange((2 * r + 1) ** 2), 2 * r + 1)
+    keep = (dy != r) | (dx != r)
+    dy, dx = dy[keep] - r, dx[keep] - r
+    return dy * w + dx, dy, dx
 
 
-def _any_neighbour(
-    flag: np.ndarray, pk: np.ndarray, yy: np.ndarray, xx: np.ndarray, edge: np.ndarray,
-    h: int, w: int, off: np.ndarray, dy: np.ndarray, dx: np.ndarray,
-) -> np.ndarray:
-    """Is ``flag`` set at one of the in-panel neighbours (offsets) of each pixel ``pk``?"""
-    out = np.zeros(pk.size, dtype=bool)
-    inner = np.flatnonzero(~edge)
-    if inner.size:
-        out[inner] = flag[pk[inner, None] + off[None, :]].any(axis=1)
+def _neighbour_index(
+    pk: np.ndarray, edge: np.ndarray, h: int, w: int, off: np.ndarray, dy: np.ndarray, dx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Flat indices ``(n, k)`` of the neighbours (``off``, ``dy``, ``dx`` from :func:`_offsets`)
+    of the flat pixels ``pk``, and which are inside the panel (None: all). Only the pixels flagged
+    ``edge`` are tested; outside neighbours point at the pixel itself."""
+    j = pk[:, None] + off
     border = np.flatnonzero(edge)
-    if border.size:
-        ny, nx = yy[border, None] + dy[None, :], xx[border, None] + dx[None, :]
-        inb = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-        out[border] = (inb & flag[np.where(inb, pk[border, None] + off[None, :], pk[border, None])]).any(axis=1)
-    return out
+    if border.size == 0:
+        return j, None
+    rem = pk[border] % (h * w)
+    ny, nx = (rem // w)[:, None] + dy, (rem % w)[:, None] + dx
+    inb_b = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    j[border] = np.where(inb_b, j[border], pk[border, None])
+    inb = np.ones(j.shape, dtype=bool)
+    inb[border] = inb_b
+    return j, inb
+
+
+def _any_rows(a: np.ndarray) -> np.ndarray:
+    """``a.any(axis=1)`` for a C-contiguous bool ``(n, k)`` array: 8 flags at a time as one
+    uint64 when ``k`` is a multiple of 8 (the 8-neighbourhood: one compare instead of a reduction)."""
+    if a.shape[1] % 8 or not a.flags.c_contiguous:
+        return a.any(axis=1)
+    u = a.view(np.uint64)
+    return u[:, 0] != 0 if u.shape[1] == 1 else (u != 0).any(axis=1)
 
 
 def _gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -330,218 +331,99 @@ def _integer_dtype(frames: object) -> bool:
     return isinstance(frames, np.ndarray) and frames.dtype.kind in "iub"
 
 
-def _order_bits(v: np.ndarray) -> np.ndarray:
-    """float32 values as int64 in [0, 2**32) that sort like the values (NaN never occurs)."""
-    bits = np.ascontiguousarray(v, dtype=np.float32).view(np.int32).astype(np.int64)
-    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+def _guess(xs: np.ndarray, ns: np.ndarray, rounds: int, clip: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rough clipped mean and sigma of each row of ``xs`` ``(groups, S)`` (float32, sorted, the
+    first ``ns`` values real, then +inf): median and half the 16-84 % spread, then ``rounds``
+    rounds of ``clip``-sigma clipping. Only a guess: it sets the core, i.e. the speed, never the
+    result. Rows without values get 0, 0."""
+    rows = np.arange(xs.shape[0])
+    last = np.maximum(ns - 1, 0)
+    has = ns > 0
 
+    def q(f: float) -> np.ndarray:
+        return xs[rows, np.minimum((f * ns).astype(np.int64), last)].astype(np.float64)
 
-def _sort_keys(g: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """int64 keys that sort like (group ``g``, float32 value ``v``): the group in the high 32
-    bits, the value's order bits in the low 32."""
-    return (np.asarray(g, dtype=np.int64) << 32) | _order_bits(v)
-
-
-def _clip_guess(
-    v: np.ndarray, g: np.ndarray, n_groups: int, iterations: int, clip: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sigma after the clipping rounds of :func:`_clipped_stats` (float64, every value
-    at every round) of the values ``v`` in groups ``g``: for the subsample's guess."""
-    ref = np.zeros(n_groups)
-    sigma = np.zeros(n_groups)
-    cnt = np.bincount(g, minlength=n_groups).astype(np.float64)
-    last = None
-    for it in range(iterations + 1):
-        d = v - ref[g]
-        if it:
-            sel = np.abs(d) <= clip * sigma[g]
-            if last is not None and np.array_equal(sel, last):
-                break  # converged
-            last = sel
-            cnt = np.bincount(g, weights=sel, minlength=n_groups)
-            d *= sel
-        s1 = np.bincount(g, weights=d, minlength=n_groups)
-        s2 = np.bincount(g, weights=d * d, minlength=n_groups)
-        ref, sigma = _moments(cnt, s1, s2, ref, ref)
+    ref = np.where(has, q(0.5), 0.0)
+    sigma = 0.5 * (np.where(has, q(0.8413), 0.0) - np.where(has, q(0.1587), 0.0))
+    for _ in range(rounds):
+        d = xs - ref[:, None]
+        sel = np.abs(d) <= (clip * sigma)[:, None]
+        d = np.where(sel, d, 0.0)
+        ref, sigma = _moments(np.count_nonzero(sel, axis=1).astype(np.float64), d.sum(axis=1),
+                              np.einsum("ij,ij->i", d, d), ref, ref)
     return ref, sigma
 
 
-class _Runs:
-    """Values sorted by (group, value), so that a clipping window of each group is one run.
+class _Tail:
+    """The values of one frame left out of the cores (noise tails, spots, hot pixels: ~5 %) for
+    the clipping rounds: float32 values ``xs`` kept group by group (any order inside a group;
+    ``counts`` per group), with ``x - shift[g]`` and its square in float64. A round tests every
+    value against its group's window (no sort by value needed) and sums the selection of each
+    group as one run (``reduceat``: several times faster than ``bincount``)."""
 
-    ``shift`` ``(groups,)``: the sums are of ``x - shift[group]`` (float64). ``window(r, h)``
-    gives each group's run of values with ``|fl32(x - r)| <= h`` (the selection of
-    :func:`_clipped_stats`, exactly: a first guess by binary search on the float64 window, then
-    checked with the float32 predicate and bisected where wrong); ``sums(lo, hi)`` the count and
-    sums of the runs ``[lo, hi)``.
-    """
-
-    _static: dict[int, tuple[np.ndarray, ...]] = {}  # per number of groups
-
-    def __init__(self, g: np.ndarray, v: np.ndarray, shift: np.ndarray) -> None:
+    def __init__(self, xs: np.ndarray, counts: np.ndarray, shift: np.ndarray) -> None:
+        """``xs`` group by group, ``counts[k]`` values of group k; ``shift`` ``(groups,)``."""
         self.shift = shift
-        self.groups = n = shift.size
-        if n not in self._static:
-            self._static[n] = (
-                np.arange(n + 1, dtype=np.int64) << 32,  # group key bounds
-                np.tile(np.arange(n, dtype=np.int64) << 32, 2),
-                np.arange(2 * n) >= n,  # strict: (lo: >=, hi: >)
-                np.tile(np.arange(2 * n), 2),
-            )
-        self.gkeys, self.g2, self.strict, self.k2x2 = self._static[n]
-        self._set(np.sort(_sort_keys(g, v)))
+        self.xs, self.counts = xs, counts
+        t = xs.size
+        self.start = np.cumsum(counts) - counts
+        self.empty = counts == 0
+        self.w = np.zeros((3, t + 1))  # rows: 1, x - shift, (x - shift)^2; a zero column for runs ending at t
+        self.w[0, :t] = 1.0
+        np.subtract(xs, np.repeat(self.shift, counts), out=self.w[1, :t])
+        np.multiply(self.w[1], self.w[1], out=self.w[2])
 
-    def _decode(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        vb = (keys & 0xFFFFFFFF) - (1 << 31)
-        vb = np.where(vb < 0, vb ^ 0x7FFFFFFF, vb).astype(np.int32)
-        xs = vb.view(np.float32)
-        return xs, xs.astype(np.float64) - self.shift[keys >> 32]
-
-    def _set(self, keys: np.ndarray) -> None:
-        self.keys = keys
-        xs, e = self._decode(keys)
-        t = keys.size
-        self.xs = np.empty(t + 1, np.float32)  # padded: runs may end at T
-        self.xs[:t], self.xs[t] = xs, 0.0
-        self.ee = np.zeros((2, t + 1))  # rows: x - shift, (x - shift)^2
-        self.ee[0, :t] = e
-        np.multiply(e, e, out=self.ee[1, :t])
-        self._bounds()
-
-    def _bounds(self) -> None:
-        bounds = np.searchsorted(self.keys, self.gkeys)
-        self.start, self.stop = bounds[:-1], bounds[1:]
-        self.start2 = np.concatenate([self.start, self.start])
-        self.stop2 = np.concatenate([self.stop, self.stop])
-        self.empty = self.stop <= self.start
-        if self.keys.size <= _SMALL_RUNS:  # the masked rounds need every value's group
-            self.gs = np.append(self.keys >> 32, 0)
-
-    def round(self, r32: np.ndarray, h32: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-        """One clipping round: ``(selection, count, s1, s2)`` of the values with
-        ``|fl32(x - r)| <= h``. Small sets test every value (few calls); large ones search the
-        run ends (``window``). ``selection`` compares equal between rounds iff it is the same."""
-        t = self.keys.size
-        if t > _SMALL_RUNS:
-            lo, hi = self.window(r32, h32)
-            return (lo, hi), *self.sums(lo, hi)
-        gs = self.gs
-        sel = np.abs(self.xs - r32[gs]) <= h32[gs]
-        sel[t] = False  # the padding
-        w = np.empty((3, t + 1))
-        w[0] = sel
-        np.multiply(self.ee, sel, out=w[1:])
+    def _sums(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         r = np.add.reduceat(w, self.start, axis=1)
         r[:, self.empty] = 0.0
-        return sel, r[0], r[1], r[2]
+        return r[0], r[1], r[2]
 
-    def sums(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = np.empty(2 * lo.size, np.int64)
-        idx[0::2], idx[1::2] = lo, hi
-        r = np.add.reduceat(self.ee, idx, axis=1)[:, ::2]
-        r[:, hi <= lo] = 0.0
-        return (hi - lo).astype(np.float64), r[0], r[1]
+    def total(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Count and sums of ``x - shift``, ``(x - shift)²`` per group over every value."""
+        return self._sums(self.w)
 
-    def window(self, r32: np.ndarray, h32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per group, the run ``[lo, hi)`` of values with ``|fl32(x - r)| <= h``: ``lo`` is the
-        first index with ``fl32(x - r) >= -h``, ``hi`` the first with ``fl32(x - r) > h``."""
-        g = self.groups
-        rr = np.concatenate([r32, r32])
-        tt = np.concatenate([-h32, h32])
-        with np.errstate(invalid="ignore", over="ignore"):
-            edge = self.g2 | _order_bits(rr + tt)  # float32 window ends: the first guesses
-        guess = np.searchsorted(self.keys, edge, "left")
-        guess[g:] = np.searchsorted(self.keys, edge[g:], "right")
-        xs, lo, hi, t = self.xs, self.start2, self.stop2, self.xs.size - 1
-        strict = self.strict
-
-        def pred(i: np.ndarray, k: np.ndarray) -> np.ndarray:
-            d = xs[i] - rr[k]
-            return (d > tt[k]) | ((d == tt[k]) & ~strict[k])
-
-        # the guess is right where pred holds at it and not just before it (within the run)
-        both = pred(np.concatenate([np.minimum(guess, t), np.maximum(guess - 1, 0)]), self.k2x2)
-        right = (guess >= lo) & (guess <= hi)
-        right &= (guess >= hi) | both[: 2 * g]
-        right &= (guess <= lo) | ~both[2 * g :]
-        bad = np.flatnonzero(~right)
-        if bad.size:  # bisection where the float32 guess is off
-            a, b = lo[bad].copy(), hi[bad].copy()
-            while True:
-                act = a < b
-                if not act.any():
-                    break
-                mid = (a + b) // 2
-                pm = pred(np.minimum(mid, t), bad) & act
-                b = np.where(pm, mid, b)
-                a = np.where(act & ~pm, mid + 1, a)
-            guess[bad] = a
-        return guess[:g], np.maximum(guess[g:], guess[:g])
-
-
-def _same_selection(a: Any, b: Any) -> bool:
-    if isinstance(a, tuple):
-        return isinstance(b, tuple) and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    return not isinstance(b, tuple) and np.array_equal(a, b)
+    def round(self, r32: np.ndarray, h32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(selection, count, s1, s2)`` of the values with ``|fl32(x - r)| <= h`` (the float32
+        selection of :func:`_clipped_stats`, exactly)."""
+        sel = np.zeros(self.xs.size + 1, dtype=bool)
+        d = self.xs - np.repeat(r32, self.counts)
+        np.less_equal(np.abs(d, out=d), np.repeat(h32, self.counts), out=sel[:-1])
+        return (sel, *self._sums(self.w * sel))
 
 
 def _clip_rounds(
-    parts: list[_Runs],
+    parts: list[_Tail],
     n_all: np.ndarray,
     s1c: np.ndarray,
     s2c: np.ndarray,
     n_core: np.ndarray,
     iterations: int,
     clip: float,
-    check=None,
-    init: tuple[np.ndarray, np.ndarray] | None = None,
+    check,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rounds of :func:`_clipped_stats` (float64 sums) over a core that every window is
+    """The rounds of :func:`_clipped_stats` (float64 sums) over cores that every window is
     assumed to hold (count ``n_core``, sums ``s1c``, ``s2c`` of ``x - shift``) plus the selected
-    runs of the sorted ``parts`` (same ``shift``); ``n_all`` = every value's count (round 0).
-    ``check(r32, h32)``, if given, is called before each selection and may move cores into a
-    new part (updating the arrays in place). ``init``: start from these statistics instead of
-    round 0 (a guess only). Returns ``(mean, sigma, count)``."""
+    values of the tail ``parts``; ``n_all`` = every value's count (round 0). ``check(r32, h32)``
+    is called before each selection and may move cores into a new part (updating the arrays in
+    place). Stops at a fixed point (the same selection twice: nothing changes any more). Returns
+    ``(mean, sigma, count)``."""
     shift = parts[0].shift
-    groups = shift.size
-    ref = np.zeros(groups)
-    sigma = np.zeros(groups)
+    tot = [p.total() for p in parts]
+    t1, t2 = sum(t[1] for t in tot), sum(t[2] for t in tot)
+    ref, sigma = _moments(n_all, s1c + t1, s2c + t2, shift, np.zeros(shift.size))
     n_sel = n_all
-    prev = None
-    first = 0
-    if init is not None:
-        ref, sigma = init
-        first = 1
-    for it in range(first, iterations + 1):
-        if it == 0:
-            t1 = np.zeros(groups)
-            t2 = np.zeros(groups)
-            for part in parts:
-                _, a1, a2 = part.sums(part.start, part.stop)
-                t1 += a1
-                t2 += a2
-        else:
-            r32 = ref.astype(np.float32)
-            h32 = (clip * sigma).astype(np.float32)
-            if check is not None:
-                check(r32, h32)
-            res = [part.round(r32, h32) for part in parts]
-            sels = [r[0] for r in res]
-            if (
-                prev is not None
-                and len(prev) == len(sels)  # (check() moved no core into a new part)
-                and all(_same_selection(a, b) for a, b in zip(sels, prev))
-            ):
-                break  # the same selection as the last round: a fixed point, nothing changes
-            prev = sels
-            n_sel = n_core.copy()
-            t1 = np.zeros(groups)
-            t2 = np.zeros(groups)
-            for _, cnt, a1, a2 in res:
-                n_sel += cnt
-                t1 += a1
-                t2 += a2
-        ref, sigma = _moments(n_sel, s1c + t1, s2c + t2, shift, ref)
+    prev: list[np.ndarray] = []
+    for _ in range(iterations):
+        r32 = ref.astype(np.float32)
+        h32 = (clip * sigma).astype(np.float32)
+        check(r32, h32)
+        res = [p.round(r32, h32) for p in parts]
+        sels = [r[0] for r in res]
+        if len(sels) == len(prev) and all(map(np.array_equal, sels, prev)):  # (a moved core adds a part)
+            break
+        prev = sels
+        n_sel = n_core + sum(r[1] for r in res)
+        ref, sigma = _moments(n_sel, s1c + sum(r[2] for r in res), s2c + sum(r[3] for r in res), shift, ref)
     return ref, sigma, n_sel
 
 
@@ -555,9 +437,9 @@ class Peakfinder8:
             statistics, never peak, and are left out of peak pixels and backgrounds).
         device: where numpy input is processed (torch input stays on its own device).
         method: ``"auto"`` (``"sparse"`` on the CPU, ``"dense"`` on CUDA), ``"sparse"`` (CPU only:
-            one pass per frame, see the module docstring; keeps ~25 bytes per pixel of tables and
-            work buffers per frame shape) or ``"dense"`` (every pixel at every clipping round; the
-            reference the sparse path is tested against). Same peaks either way.
+            one pass per frame, see the module docstring; keeps ~30-40 bytes per pixel of tables
+            and work buffers per frame shape) or ``"dense"`` (every pixel at every clipping round;
+            the reference the sparse path is tested against). Same peaks either way.
 
     ``find_peaks(frames)`` takes ``(B, P, H, W)`` (or one ``(H, W)`` panel), numpy or torch, any
     real dtype, and returns one :class:`PeakTable` per frame. Radius and mask tables are built
@@ -581,11 +463,21 @@ class Peakfinder8:
         self.method = method
         self._lock = threading.Lock()
         self._torch_finish = False  # tests: steps 4-8 with torch ops on the CPU too
-        self._sparse_cache: dict[tuple, dict[str, object]] = {}
+        self._sparse_cache: dict[tuple, dict[str, Any]] = {}
         self.device = torch.device(device)
         self._radius = None if radius is None else self._as_map(radius, "radius", torch.float32)
         self._mask = None if mask is None else self._as_map(mask, "mask", torch.bool)
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        # constants of the (2*window_radius+1)^2 windows of _finish_np: offsets, row bits, the
+        # offsets before the centre in raster order, offsets as float32
+        k = 2 * self.params.window_radius + 1
+        offs = np.arange(k) - self.params.window_radius
+        self._window = (
+            offs,
+            np.left_shift(np.int64(1), np.arange(k, dtype=np.int64)),
+            ((offs[:, None] < 0) | ((offs[:, None] == 0) & (offs[None, :] < 0))).reshape(-1),
+            offs.astype(np.float32),
+        )
 
     @staticmethod
     def _as_map(value: np.ndarray | torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -663,71 +555,87 @@ class Peakfinder8:
         mean: np.ndarray,
         rbin: np.ndarray,
         shape: tuple[int, int, int, int],
+        screened: bool = False,
     ) -> list[PeakTable]:
-        """:meth:`_finish` in NumPy (the CPU path: the same steps, less per-call overhead).
+        """:meth:`_finish` in NumPy (the CPU path: the same steps and arithmetic, far fewer calls:
+        with a few hundred candidates the time is the number of NumPy calls, not their work).
 
         ``x``, ``bright`` ``(B, N)``, ``valid`` ``(B or 1, N)``, ``ci`` ``(M, 4)`` int64,
-        ``mean`` ``(B, groups)``, ``rbin`` ``(N,)``.
+        ``mean`` ``(B, groups)``, ``rbin`` ``(N,)``. ``screened``: the caller already applied the
+        candidate cap and dropped the candidates without a bright 8-neighbour (the sparse path).
         """
         b, p, h, w = shape
         prm = self.params
         n_pix = p * h * w
         xflat, bflat, vflat = x.reshape(-1), bright.reshape(-1), valid.reshape(-1)
-        v_per_frame = valid.shape[0] > 1
-        empty = [PeakTable.empty(centroid="intensity") for _ in range(b)]
 
-        def lin_of(c: np.ndarray) -> np.ndarray:
-            return ((c[:, 0] * p + c[:, 1]) * h + c[:, 2]) * w + c[:, 3]
+        def empty() -> list[PeakTable]:
+            return [PeakTable.empty(centroid="intensity") for _ in range(b)]
 
-        cv = xflat[lin_of(ci)]
-        order = np.argsort(-cv, kind="stable")
-        ci, cv = ci[order], cv[order]
-        order_f = np.argsort(ci[:, 0], kind="stable")
-        ci, cv = ci[order_f], cv[order_f]
-        starts = np.searchsorted(ci[:, 0], np.arange(b))
-        keep = np.arange(ci.shape[0]) - starts[ci[:, 0]] < prm.max_candidates
-        ci, cv = ci[keep], cv[keep]
-        if prm.min_pix_count >= 2 and ci.shape[0] > 0:
+        lin_c = ((ci[:, 0] * p + ci[:, 1]) * h + ci[:, 2]) * w + ci[:, 3]
+        cv = xflat[lin_c]
+        # rank: by frame, brightest first, ties in raster order (the input order)
+        order = np.lexsort((-cv, ci[:, 0]))
+        ci, cv, lin_c = ci[order], cv[order], lin_c[order]
+        if not screened:
+            starts = np.searchsorted(ci[:, 0], np.arange(b))
+            keep = np.arange(ci.shape[0]) - starts[ci[:, 0]] < prm.max_candidates
+            ci, cv, lin_c = ci[keep], cv[keep], lin_c[keep]
+        if not screened and prm.min_pix_count >= 2 and ci.shape[0] > 0:
             oy = np.array([o[0] for o in _NEIGHBOURS_8])
             ox = np.array([o[1] for o in _NEIGHBOURS_8])
             ny, nx = ci[:, 2, None] + oy, ci[:, 3, None] + ox
             inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            lin_nb = ((ci[:, 0, None] * p + ci[:, 1, None]) * h + np.clip(ny, 0, h - 1)) * w + np.clip(nx, 0, w - 1)
+            lin_nb = lin_c[:, None] + (np.minimum(np.maximum(ny, 0), h - 1) - ci[:, 2, None]) * w + (
+                np.minimum(np.maximum(nx, 0), w - 1) - ci[:, 3, None])
             linked = (inside & bflat[lin_nb]).any(axis=1)
-            ci, cv = ci[linked], cv[linked]
+            ci, cv, lin_c = ci[linked], cv[linked], lin_c[linked]
             if ci.shape[0] == 0:
-                return empty
+                return empty()
         n = ci.shape[0]
+        one_frame = b == 1 or not ci[:, 0].any()  # every flat index is then a panel index too
+        pix_c = lin_c if one_frame else lin_c - ci[:, 0] * n_pix
 
         # ---- 5: peak pixels in each candidate's window ----
         wr = prm.window_radius
         k = 2 * wr + 1
-        offs = np.arange(k) - wr
-        rows = ci[:, 2, None] + offs[None, :]
-        cols = ci[:, 3, None] + offs[None, :]
-        inb = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-        pix_w = (ci[:, 1, None, None] * h + np.clip(rows, 0, h - 1)[:, :, None]) * w + np.clip(cols, 0, w - 1)[:, None, :]
-        lin_w = ci[:, 0, None, None] * n_pix + pix_w
+        offs, bits, before, dk = self._window
+        rows = ci[:, 2, None] + offs
+        cols = ci[:, 3, None] + offs
+        # window pixels outside the panel (only near its border): clamped, and flagged in inb
+        near = (ci[:, 2] < wr) | (ci[:, 2] >= h - wr) | (ci[:, 3] < wr) | (ci[:, 3] >= w - wr)
+        inb = None
+        if near.any():
+            inb = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            rows = np.minimum(np.maximum(rows, 0), h - 1)  # (np.clip costs microseconds a call)
+            cols = np.minimum(np.maximum(cols, 0), w - 1)
+        lin_w = ((lin_c - ci[:, 2] * w - ci[:, 3])[:, None] + rows * w)[:, :, None] + cols[:, None, :]
         v_w = xflat[lin_w]
-        b_w = bflat[lin_w] & inb
-        ok_w = vflat[lin_w if v_per_frame else pix_w] & inb
-        bits = np.left_shift(np.int64(1), np.arange(k, dtype=np.int64))
-        brow = (b_w.astype(np.int64) * bits).sum(axis=2)
-        full = (1 << k) - 1
-        reach = np.zeros((n, k), dtype=np.int64)
-        reach[:, wr] = 1 << wr
+        b_w = bflat[lin_w]
+        ok_w = vflat[lin_w if valid.shape[0] > 1 or one_frame else lin_w - (ci[:, 0] * n_pix)[:, None, None]]
+        if inb is not None:
+            b_w &= inb
+            ok_w &= inb
+        # geodesic dilation from the centre inside the bright pixels of the window, 2*wr rounds
+        # (stops once nothing changes); rows as bit masks (k <= 63), in columns 1..k of a
+        # zero-padded array so that the vertical spread needs no bounds
+        packed = np.packbits(b_w, axis=2, bitorder="little")  # (n, k, ceil(k/8)) bytes
+        brow = packed[:, :, 0].astype(np.int64)
+        for i in range(1, packed.shape[2]):
+            brow |= packed[:, :, i].astype(np.int64) << (8 * i)
+        reach = np.zeros((n, k + 2), dtype=np.int64)
+        reach[:, wr + 1] = 1 << wr
         for _ in range(2 * wr):
-            hz = (reach | (reach << 1) | (reach >> 1)) & full
-            grown = hz.copy()
-            grown[:, 1:] |= hz[:, :-1]
-            grown[:, :-1] |= hz[:, 1:]
-            grown &= brow
-            if np.array_equal(grown, reach):
+            hz = reach | (reach << 1) | (reach >> 1)  # (bits beyond k: cut by brow)
+            grown = (hz[:, :-2] | hz[:, 1:-1] | hz[:, 2:]) & brow
+            if np.array_equal(grown, reach[:, 1:-1]):
                 break
-            reach = grown
-        region = (reach[:, :, None] & bits) != 0
+            reach[:, 1:-1] = grown
+        region = (reach[:, 1:-1, None] & bits) != 0  # (N, K, K)
+        # Merge into a better candidate connected within the window. Better = brighter; on a tie
+        # (saturated plateaus) the larger window sum (the more central pixel of the blob), then
+        # the earlier in raster order. Window sums in float64: exact for integer-valued frames.
         wsum_c = np.where(ok_w, v_w, np.float32(0)).astype(np.float64).reshape(n, -1).sum(axis=1)
-        lin_c = lin_of(ci)
         lin_order = np.argsort(lin_c, kind="stable")
         lin_sorted = lin_c[lin_order]
         r_at = np.flatnonzero(region)
@@ -739,7 +647,6 @@ class Peakfinder8:
         s0 = wsum_c[r_cand]
         v_r = v_w.reshape(-1)[r_at]
         v0 = cv[r_cand]
-        before = ((offs[:, None] < 0) | ((offs[:, None] == 0) & (offs[None, :] < 0))).reshape(-1)
         tie = (v_r == v0) & ((s_r > s0) | ((s_r == s0) & before[r_at % (k * k)]))
         merged = np.zeros(n, dtype=bool)
         merged[r_cand[is_cand & ((v_r > v0) | tie)]] = True
@@ -750,14 +657,12 @@ class Peakfinder8:
         ring = ok_w & ~b_w
         n_ring = ring.reshape(n, -1).sum(axis=1)
         ring_mean = np.where(ring, v_w, np.float32(0)).reshape(n, -1).sum(axis=1) / np.maximum(n_ring, 1).astype(np.float32)
-        g_c = rbin[(ci[:, 1] * h + ci[:, 2]) * w + ci[:, 3]]
-        radial_bg = mean.reshape(-1)[ci[:, 0] * mean.shape[1] + g_c].astype(np.float32)
+        radial_bg = mean.reshape(-1)[ci[:, 0] * mean.shape[1] + rbin[pix_c]].astype(np.float32)
         local_bg = np.where(n_ring >= 4, ring_mean, radial_bg).astype(np.float32)
         sig = np.where(region, v_w - local_bg[:, None, None], np.float32(0))
         wts = np.maximum(sig, np.float32(0))
         intensity = sig.reshape(n, -1).sum(axis=1)
         wsum = wts.reshape(n, -1).sum(axis=1)
-        dk = offs.astype(np.float32)
         den = np.maximum(wsum, np.float32(1e-30))
         cy = (wts.sum(axis=2) * dk[None, :]).sum(axis=1) / den
         cx = (wts.sum(axis=1) * dk[None, :]).sum(axis=1) / den
@@ -792,126 +697,153 @@ class Peakfinder8:
         return tables
 
     # ---- sparse statistics (CPU) ----
-    def _sparse_tables(self, shape: tuple[int, int, int]) -> dict[str, object]:
+    def _sparse_tables(self, shape: tuple[int, int, int]) -> dict[str, Any]:
         """Flat tables and work buffers of the sparse path, built once per frame shape."""
         cached = self._sparse_cache.get(shape)
         if cached is not None:
             return cached
+        p, h, w = shape
         tab = self._tables(torch.device("cpu"), shape)
-        gid = tab["rbin"].reshape(-1).contiguous()
         groups = int(tab["groups"])
         good = tab["good"].reshape(-1).contiguous().numpy()
-        gid_np = gid.numpy()
+        gid_np = tab["rbin"].reshape(-1).contiguous().numpy()
         n = gid_np.size
-        n_good = np.bincount(gid_np[good], minlength=groups).astype(np.float64)
         gidx = np.flatnonzero(good)
         by_group = gidx[np.argsort(gid_np[gidx], kind="stable")]  # good pixels, group by group
-        gg = gid_np[by_group]
-        g_start = np.searchsorted(gg, np.arange(groups + 1))
-        # subsample: ~6 % of each group's good pixels (48 to 128), evenly spaced in raster order
-        rank = np.arange(gg.size) - g_start[gg]
-        want = np.clip(np.ceil(_SUBSAMPLE_FRACTION * n_good), _SUBSAMPLE_MIN, _SUBSAMPLE)
-        step = np.maximum(1, np.floor(n_good / want)).astype(np.int64)
-        sub = np.sort(by_group[rank % step[gg] == 0])
-        st: dict[str, object] = {
-            "gid": gid,
+        by_group = by_group.astype(np.int32 if n < 2**31 else np.int64)
+        n_g = np.bincount(gid_np[gidx], minlength=groups)
+        g_start = np.concatenate([[0], np.cumsum(n_g)])
+        m = by_group.size
+        # subsample: ~6 % of each group's good pixels (_SUBSAMPLE_MIN to _SUBSAMPLE), evenly spaced
+        # in raster order, one row per group (padding: pixel 0, replaced by +inf)
+        want = np.minimum(np.clip(np.ceil(_SUBSAMPLE_FRACTION * n_g), _SUBSAMPLE_MIN, _SUBSAMPLE), n_g).astype(np.int64)
+        step = np.maximum(1, n_g // np.maximum(want, 1))
+        width = max(1, int(want.max()))
+        col = np.arange(width)
+        sub_pad = col[None, :] >= want[:, None]
+        at = np.minimum(g_start[:-1, None] + col * step[:, None], max(m - 1, 0))
+        sub = np.where(sub_pad, 0, by_group[at] if m else 0)
+        peak_ok = tab["peak_ok"].reshape(-1).contiguous().numpy()
+        # pixels within r of a panel border (their neighbourhoods need bounds checks)
+        yy, xx = np.divmod(np.arange(h * w), w)
+
+        def edge(r: int) -> np.ndarray:
+            e = (yy < r) | (yy >= h - r) | (xx < r) | (xx >= w - r)
+            return np.tile(e, p)
+
+        r = self.params.local_max_radius
+        xg = torch.empty(m, dtype=torch.float32)
+        st: dict[str, Any] = {
             "gid_np": gid_np,
             "groups": groups,
             "good": good,
-            "n_good": n_good,
-            "bad": np.flatnonzero(~good),
+            "n_good": n_g.astype(np.float64),
+            "n_g": n_g,
+            "g_empty": n_g == 0,
             "sub": sub,
-            "sub_gid": gid_np[sub],
-            "by_group": by_group.astype(np.int32 if n < 2**31 else np.int64),
+            "sub_pad": sub_pad,
+            "sub_n": want,
+            "by_group": by_group,
+            "by_group_t": torch.from_numpy(by_group),
             "group_start": g_start,
-            "peak_ok": tab["peak_ok"].reshape(-1).contiguous().numpy(),
-            "rbin": tab["rbin"],
-            # work buffers: per-pixel core centre and squared half-width, (d, d^2) pairs
-            "c_px": torch.empty(n, dtype=torch.float32),
-            "h2_px": torch.empty(n, dtype=torch.float32),
-            "dd": torch.empty((n, 2), dtype=torch.float32),
-            "mask": np.empty(n, dtype=bool),
+            "peak_ok": peak_ok,
+            "edge_1": edge(1),
+            "edge_lm": edge(r),
+            "n8": _offsets(1, w),
+            "lm": _offsets(r, w),
+            # work buffers: the frame in group order, (d, d^2) rows with a zero column for runs
+            # ending at m, the tail flags
+            "xg": xg,
+            "xg_np": xg.numpy(),
+            "dd": np.zeros((2, m + 1), np.float32),
+            "tail": np.empty(m, dtype=bool),
         }
         self._sparse_cache[shape] = st
         return st
 
     def _sparse_stats(
         self,
-        st: dict[str, object],
+        st: dict[str, Any],
         xf: np.ndarray,
-        invalid: np.ndarray,
+        ok: np.ndarray | None,
         n_valid: np.ndarray,
         integral: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Clipped radial statistics and bright pixels of one frame ``xf`` ``(N,)`` float32
-        (non-finite values zeroed; ``invalid``: flat indices of bad or non-finite pixels;
-        ``integral``: the values are integers, e.g. from an integer dtype; None = not known, then
-        checked when it would help).
+        (non-finite values zeroed; ``ok``: None when every good pixel is finite, else the map of
+        valid pixels; ``n_valid`` per group; ``integral``: the values are integers, e.g. from an
+        integer dtype; None = not known, then checked when it would help).
 
         The pixel selection of :func:`_clipped_stats`, exactly (sums in float64 instead of
-        float32), from one pass over the frame. A guess of each group's clipped mean ``c`` and
-        sigma comes from the same clipping on a fixed subsample of ~``_SUBSAMPLE`` of its pixels.
-        Every valid pixel within ``_CORE_SIGMAS`` guessed sigmas of ``c`` is *core* and summed
-        once, in that pass; the others (a few per cent: noise tails, spots, hot pixels) are the
-        *tail*, sorted by (group, value) so that a round's selection in a group is one run found
-        by binary search and summed as a range. Before each round every group's core range is
-        checked (float32, with margin) to lie inside its clipping window; a group where it does
-        not has its core moved to the tail, so the result never depends on the guess (only the
-        speed does).
+        float32; the core's are float32 pairwise sums first), from one pass over the frame. A
+        guess of each group's clipped mean ``c`` and sigma comes from the same clipping on a
+        fixed subsample of up to ``_SUBSAMPLE`` of its pixels (one sorted row per group). Every
+        valid pixel within ``_CORE_SIGMAS`` guessed sigmas of ``c`` is *core* and summed once, in
+        that pass; the others (a few per cent: noise tails, spots, hot pixels) are the *tail*
+        (:class:`_Tail`), tested one by one at each round. Before each round every group's core
+        range is checked (float32, with margin) to lie inside its clipping window; a group where
+        it does not has its core moved to the tail, so the result never depends on the guess
+        (only the speed does).
+
+        The pass runs in group order: the frame's good pixels gathered once by ``by_group``
+        (*positions* below are indices in that order), so that each group is one contiguous
+        run: per-group values by ``repeat``, sums by ``reduceat``, and a tail that comes out
+        grouped (in raster order a scatter-add and a sort of the tail by group cost more, even
+        on 4-Mpixel frames where the gather misses the cache).
 
         Returns ``(mean, bright)``: the clipped means ``(groups,)`` and the sorted flat indices
         of the valid pixels above threshold (from the tail; every pixel is compared only if a
         core might reach its threshold).
         """
         prm = self.params
-        groups = int(st["groups"])
-        gid_np = st["gid_np"]
+        groups = st["groups"]
+        gid_np, by_group, group_start = st["gid_np"], st["by_group"], st["group_start"]
         iters, clip = prm.sigma_clip_iterations, prm.clip_snr
-        ok: np.ndarray | None = None  # valid-pixel map, built only if needed
-        if invalid.size != st["bad"].size:
-            ok = np.ones(xf.size, dtype=bool)
-            ok[invalid] = False
 
-        # ---- the guess: the same clipping on the subsample ----
-        sub, sg = st["sub"], st["sub_gid"]
+        # ---- the guess: the same clipping on the subsample, one sorted row per group ----
+        sub = st["sub"]
+        xs = xf[sub]
+        xs[st["sub_pad"]] = np.inf
+        ns = st["sub_n"]
         if ok is not None:
-            keep = ok[sub]
-            sub, sg = sub[keep], sg[keep]
-        zero = np.zeros(groups)
-        sample = _Runs(sg, xf[sub], zero)
-        n_sub = (sample.stop - sample.start).astype(np.float64)
-        # robust start (median, half the 16-84 % spread) from the sorted sample, then a few rounds
-        ns = sample.stop - sample.start
-        last = np.maximum(ns - 1, 0)
-        q = lambda f: sample.xs[sample.start + np.minimum((f * ns).astype(np.int64), last)].astype(np.float64)  # noqa: E731
-        med, spread = q(0.5), 0.5 * (q(0.8413) - q(0.1587))
-        c0, sig0, _ = _clip_rounds([sample], n_sub, zero, zero, zero, _GUESS_ROUNDS, clip, init=(med, spread))
+            out = ~ok[sub] & ~st["sub_pad"]
+            xs[out] = np.inf
+            ns = ns - np.count_nonzero(out, axis=1)
+        xs.sort(axis=1)
+        c0, sig0 = _guess(xs, ns, _GUESS_ROUNDS, clip)
         c32 = c0.astype(np.float32)
         h32 = (_CORE_SIGMAS * sig0).astype(np.float32)
         c, h = c32.astype(np.float64), h32.astype(np.float64)
 
-        # ---- the one pass: d = x - c, d^2; tail = d^2 > h^2; core sums of (d, d^2) ----
-        gid = st["gid"]
-        c_px, h2_px, dd = st["c_px"], st["h2_px"], st["dd"]
-        torch.index_select(torch.from_numpy(c32), 0, gid, out=c_px)
-        torch.index_select(torch.from_numpy(h32 * h32), 0, gid, out=h2_px)
-        ddn = dd.numpy()
-        d, d2 = ddn[:, 0], ddn[:, 1]
-        np.subtract(xf, c_px.numpy(), out=d)
-        np.multiply(d, d, out=d2)
-        tail = np.greater(d2, h2_px.numpy(), out=st["mask"])
-        tail[invalid] = False
-        t_idx = np.flatnonzero(tail)
-        ddc = torch.view_as_complex(dd).numpy()
-        ddc[invalid] = 0.0
-        ddc[t_idx] = 0.0
-        sums = torch.zeros(groups, dtype=torch.complex64).index_add_(0, gid, torch.view_as_complex(dd))
-        s1c = sums.real.numpy().astype(np.float64)
-        s2c = sums.imag.numpy().astype(np.float64)
-        xt, gt = xf[t_idx], gid_np[t_idx]
-        runs = _Runs(gt, xt, c)
-        parts = [runs]  # + the cores moved to the tail by check()
-        n_core = n_valid - (runs.stop - runs.start)
+        # ---- the one pass, in group order: d = x - c, d^2; tail = d^2 > h^2; core sums ----
+        torch.index_select(torch.from_numpy(xf), 0, st["by_group_t"], out=st["xg"])
+        xv = st["xg_np"]
+        dd = st["dd"]
+        d = np.subtract(xv, np.repeat(c32, st["n_g"]), out=dd[0, :-1])
+        d2 = np.multiply(d, d, out=dd[1, :-1])
+        tail = np.greater(d2, np.repeat(h32 * h32, st["n_g"]), out=st["tail"])
+        if ok is not None:  # non-finite good pixels: their positions (the table built once, if ever)
+            if "pos_of" not in st:
+                st["pos_of"] = np.empty(gid_np.size, dtype=by_group.dtype)
+                st["pos_of"][by_group] = np.arange(by_group.size)
+            inv = st["pos_of"][np.flatnonzero(st["good"] & ~ok)]
+            tail[inv] = False
+            d[inv] = 0.0
+            d2[inv] = 0.0
+        t_pos = np.flatnonzero(tail)
+        d[t_pos] = 0.0
+        d2[t_pos] = 0.0
+        # float32 sums (pairwise within each run: ~1e-7 relative), then float64
+        s1c, s2c = np.add.reduceat(dd, group_start[:-1], axis=1).astype(np.float64)
+        s1c[st["g_empty"]] = 0.0
+        s2c[st["g_empty"]] = 0.0
+
+        # the tail (grouped already): positions, values, groups for the bright pixels, and the rounds
+        t_cnt = np.diff(np.searchsorted(t_pos, group_start))
+        xt = xv[t_pos]
+        gt = np.repeat(np.arange(groups), t_cnt)
+        parts = [_Tail(xt, t_cnt, c)]  # + the cores moved to the tail by check()
+        n_core = n_valid - t_cnt
 
         # per group: are its core values known to be integers (the integer-valued shortcut)?
         int_g = np.full(groups, bool(integral))
@@ -935,45 +867,49 @@ class Peakfinder8:
             lo_v, hi_v, has = ends
             return has & ~(pred(lo_v) & pred(hi_v))
 
-        def core_pixels(sel: np.ndarray) -> np.ndarray:
-            """Flat indices of the core pixels (valid, not tail) of the groups ``sel``."""
+        def core_positions(sel: np.ndarray) -> np.ndarray:
+            """Positions of the core pixels (valid, not tail) of the groups ``sel``."""
             fi = np.flatnonzero(sel)
-            g0, g1 = st["group_start"][fi], st["group_start"][fi + 1]
+            g0, g1 = group_start[fi], group_start[fi + 1]
             lens = g1 - g0
             pos = np.repeat(g0 - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-            px = st["by_group"][pos].astype(np.int64)
-            px = px[~tail[px]]
-            return px[ok[px]] if ok is not None else px
+            pos = pos[~tail[pos]]
+            return pos if ok is None else pos[ok[by_group[pos]]]
+
+        def g_of(pos: np.ndarray) -> np.ndarray:
+            """The groups of positions."""
+            return np.searchsorted(group_start, pos, side="right") - 1
 
         def check(r32: np.ndarray, w32: np.ndarray) -> None:
-            nonlocal t_idx, xt, gt, ends
+            nonlocal ends, t_pos, xt, gt
             win = lambda v: np.abs(v - r32) <= w32  # noqa: E731
             fail = outside(win)
             if not fail.any():
                 return
             unknown = fail & ~int_known
             if unknown.any():  # are those cores integer-valued? (then the check is exact)
-                px = core_pixels(unknown)
-                v = xf[px]
-                frac = np.bincount(gid_np[px], weights=v != np.rint(v), minlength=groups) > 0
-                int_g[unknown] = ~frac[unknown]
-                int_known[unknown] = True
-                ends = core_ends()
-                fail = outside(win)
-                if not fail.any():
-                    return
+                # a fraction in the group's subsample settles it (not integers: the plain check)
+                ui = np.flatnonzero(unknown)
+                frac_s = (xs[ui] != np.rint(xs[ui])).any(axis=1)
+                int_known[ui[frac_s]] = True
+                unknown[ui[frac_s]] = False
+                if unknown.any():  # else every core value
+                    px = core_positions(unknown)
+                    v = xv[px]
+                    frac = np.bincount(g_of(px), weights=v != np.rint(v), minlength=groups) > 0
+                    int_g[unknown] = ~frac[unknown]
+                    int_known[unknown] = True
+                    ends = core_ends()
+                    fail = outside(win)
+                    if not fail.any():
+                        return
             # move those cores to the tail: their pixels from the per-group lists (rare)
             fi = np.flatnonzero(fail)
-            e_idx = core_pixels(fail)
-            tail[e_idx] = True
-            xe, ge = xf[e_idx], gid_np[e_idx]
-            t_idx = np.concatenate([t_idx, e_idx])
-            xt = np.concatenate([xt, xe])
-            gt = np.concatenate([gt, ge])
-            if t_idx.size <= _SMALL_RUNS:  # small: one sorted set again (cheap), fewer calls per round
-                parts[:] = [_Runs(gt, xt, c)]
-            else:  # large: a new small part beside the big one (no re-sort)
-                parts.append(_Runs(ge, xe, c))
+            e_pos = core_positions(fail)
+            tail[e_pos] = True
+            xe, ge = xv[e_pos], g_of(e_pos)
+            parts.append(_Tail(xe, np.bincount(ge, minlength=groups), c))  # (group by group)
+            t_pos, xt, gt = np.concatenate([t_pos, e_pos]), np.concatenate([xt, xe]), np.concatenate([gt, ge])
             n_core[fi] = 0.0
             s1c[fi] = 0.0
             s2c[fi] = 0.0
@@ -985,11 +921,8 @@ class Peakfinder8:
 
         # ---- bright pixels: in the tail, unless a core value may reach its threshold ----
         if outside(lambda v: ~(v > thr)).any():
-            if ok is None:
-                ok = np.ones(xf.size, dtype=bool)
-                ok[invalid] = False
-            return ref, np.flatnonzero((xf > thr[gid_np]) & ok)
-        br = t_idx[xt > thr[gt]]
+            return ref, np.flatnonzero((xf > thr[gid_np]) & (st["good"] if ok is None else ok))
+        br = by_group[t_pos[xt > thr[gt]]]
         br.sort()
         return ref, br
 
@@ -999,32 +932,24 @@ class Peakfinder8:
         st = self._sparse_tables((p, h, w))
         prm = self.params
         n = p * h * w
-        groups = int(st["groups"])
+        groups = st["groups"]
         gid_np, good = st["gid_np"], st["good"]
-        x = x.reshape(b, p, h, w)
         if not x.is_contiguous():
             x = x.contiguous()
         xn = x.view(b, n).numpy()
         means = np.zeros((b, groups), dtype=np.float32)
-        bright = torch.zeros((b, n), dtype=torch.bool)
-        bright_np = bright.numpy()
+        bright = np.zeros((b, n), dtype=bool)
         valid_maps: list[np.ndarray] = [good] * b
         any_bad = False
-        r = prm.local_max_radius
-        dy, dx = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
-        dy, dx = dy.reshape(-1), dx.reshape(-1)
-        centre = dy.size // 2
-        dy, dx = np.delete(dy, centre), np.delete(dx, centre)
-        lm_off = dy * w + dx
-        n8_dy = np.array([o[0] for o in _NEIGHBOURS_8])
-        n8_dx = np.array([o[1] for o in _NEIGHBOURS_8])
-        n8_off = n8_dy * w + n8_dx
+        n8_off, n8_dy, n8_dx = st["n8"]
+        lm_off, lm_dy, lm_dx = st["lm"]
+        same_patch = prm.local_max_radius == 1  # the local-maximum patch is the 8-neighbourhood
         rows: list[np.ndarray] = []
         drop_isolated = prm.min_pix_count >= 2
         for f in range(b):
             xf = xn[f]
-            if np.isfinite(xf).all():
-                invalid, n_valid, valid = st["bad"], st["n_good"], good
+            if integral or np.isfinite(xf).all():  # (integer input is always finite)
+                ok, n_valid, valid = None, st["n_good"], good
             else:
                 if not any_bad:
                     x = x.clone()  # never write into the caller's frames
@@ -1034,43 +959,53 @@ class Peakfinder8:
                 fin = np.isfinite(xf)
                 xf[~fin] = 0.0
                 valid = good & fin
-                invalid = np.flatnonzero(~valid)
+                ok = valid
                 n_valid = st["n_good"] - np.bincount(gid_np[good & ~fin], minlength=groups)
                 valid_maps[f] = valid
-            mean, br = self._sparse_stats(st, xf, invalid, n_valid, integral)
+            mean, br = self._sparse_stats(st, xf, ok, n_valid, integral)
             means[f] = mean
-            bright_np[f, br] = True
+            bright[f, br] = True
             # local maxima: only at bright pixels in range, against their valid neighbours
             pk = br[st["peak_ok"][br]]
             if pk.size == 0:
                 continue
-            rem = pk % (h * w)
-            yy, xx = rem // w, rem % w
-            edge = (yy < r) | (yy >= h - r) | (xx < r) | (xx >= w - r)
-            linked = None
+            j8 = inb8 = linked = None
             if drop_isolated:
                 # bright pixels without a bright 8-neighbour cannot be peaks (see _finish)
-                e1 = (yy < 1) | (yy >= h - 1) | (xx < 1) | (xx >= w - 1)
-                linked = _any_neighbour(bright_np[f], pk, yy, xx, e1, h, w, n8_off, n8_dy, n8_dx)
+                j8, inb8 = _neighbour_index(pk, st["edge_1"][pk], h, w, n8_off, n8_dy, n8_dx)
+                nb = bright[f][j8]
+                if inb8 is not None:
+                    nb &= inb8
+                linked = _any_rows(nb)
                 if pk.size <= prm.max_candidates:  # the cap cannot bind: drop them now
-                    pk, yy, xx, edge, linked = pk[linked], yy[linked], xx[linked], edge[linked], None
-            higher = _neighbour_higher(xf, valid, pk, yy, xx, edge, h, w, lm_off, dy, dx)
-            pk, yy, xx = pk[~higher], yy[~higher], xx[~higher]
+                    pk, j8, linked = pk[linked], j8[linked], None
+            if same_patch and j8 is not None:
+                jl = j8
+            else:
+                jl, _ = _neighbour_index(pk, st["edge_lm"][pk], h, w, lm_off, lm_dy, lm_dx)
+            # (neighbours outside the panel point at the pixel itself: never higher)
+            higher = valid[jl]
+            higher &= xf[jl] > xf[pk][:, None]
+            is_max = ~_any_rows(higher)
+            pk = pk[is_max]
             if linked is not None:
-                linked = linked[~higher]
-                if pk.size > prm.max_candidates:
-                    # _finish's cap: the brightest max_candidates (ties: raster order), in order
-                    top = np.sort(np.argsort(-xf[pk], kind="stable")[: prm.max_candidates])
-                    pk, yy, xx, linked = pk[top], yy[top], xx[top], linked[top]
-                pk, yy, xx = pk[linked], yy[linked], xx[linked]
-            rows.append(np.stack([np.full(pk.size, f), pk // (h * w), yy, xx], axis=1))
-        ci = torch.from_numpy(np.concatenate(rows).astype(np.int64)) if rows else torch.zeros((0, 4), dtype=torch.int64)
-        if any_bad:
-            valid_t = torch.from_numpy(np.stack(valid_maps)).reshape(b, p, h, w)
-        else:
-            valid_t = torch.from_numpy(good).reshape(1, p, h, w)  # broadcast over frames
-        return self._finish(
-            x, bright.view(b, p, h, w), valid_t, ci, torch.from_numpy(means), st["rbin"]
+                linked = linked[is_max]
+            if pk.size > prm.max_candidates:
+                # _finish's cap: the brightest max_candidates (ties: raster order), in order
+                top = np.sort(np.argsort(-xf[pk], kind="stable")[: prm.max_candidates])
+                pk = pk[top]
+                if linked is not None:
+                    linked = linked[top]
+            if linked is not None:
+                pk = pk[linked]
+            rem = pk % (h * w)
+            rows.append(np.stack([np.full(pk.size, f), pk // (h * w), rem // w, rem % w], axis=1))
+        ci = np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+        if ci.shape[0] == 0:
+            return [PeakTable.empty(centroid="intensity") for _ in range(b)]
+        valid_all = np.stack(valid_maps) if any_bad else good[None]  # (1, N): the same for all frames
+        return self._finish_np(
+            xn, bright, valid_all, ci.astype(np.int64, copy=False), means, gid_np, (b, p, h, w), screened=True
         )
 
     # ---- input ----
@@ -1094,11 +1029,9 @@ class Peakfinder8:
             raise FrameError(f"empty frames of shape {tuple(t.shape)}")
         return t
 
-    @torch.no_grad()
     def find_peaks(self, frames: np.ndarray | torch.Tensor) -> list[PeakTable]:
         """Find peaks in ``frames`` ``(B, P, H, W)``; return one :class:`PeakTable` per frame."""
-        x = self._to_tensor(frames)
-        b, p, h, w = x.shape
+        x = self._to_tensor(frames)  # (detached: no autograd on either path)
         dev = x.device
         method = self.method
         if method == "auto":
@@ -1109,6 +1042,13 @@ class Peakfinder8:
             integral = True if _integer_dtype(frames) else None
             with self._lock:
                 return self._find_sparse(x, integral)
+        return self._find_dense(x)
+
+    @torch.no_grad()
+    def _find_dense(self, x: torch.Tensor) -> list[PeakTable]:
+        """``find_peaks`` with every pixel at every step (tensor ops; the CUDA path)."""
+        b, p, h, w = x.shape
+        dev = x.device
         tab = self._tables(dev, (p, h, w))
         rbin, good = tab["rbin"], tab["good"]
         groups = int(tab["groups"])

@@ -297,20 +297,78 @@ def test_sparse_equals_dense_on_edge_cases(changes, kw):
     assert np.isnan(frames[0, 1, 5, 5])  # the caller's frames are not modified
 
 
-def test_sparse_runs_window_is_the_float32_selection():
-    """The sorted runs give exactly the pixels with ``|fl32(x - r)| <= h`` per group, including
-    ties, signed zeros, tiny values and windows whose float64 guess is off."""
-    from peaknet_pva.peakfinder8 import _Runs
+@pytest.mark.parametrize("core_sigmas", [0.05, 50.0])
+def test_sparse_result_does_not_depend_on_the_core(core_sigmas, monkeypatch):
+    """The guess only sets the speed: with a tiny core (almost every pixel in the tail) or a huge
+    one (cores moved to the tail in nearly every group, at every round), float or integer input,
+    with non-finite pixels, the sparse path still gives the dense path's peaks."""
+    import peaknet_pva.peakfinder8 as pf8_module
+
+    monkeypatch.setattr(pf8_module, "_CORE_SIGMAS", core_sigmas)
+    frames = _edge_frames(np.random.default_rng(11))
+    frames[2, 0, 7, 7] = np.nan  # non-finite pixels where cores have to move
+    frames[2, 1, 3, 3] = -np.inf
+    mask = np.ones((2, 64, 80), bool)
+    mask[1, 10:20, :] = False
+    prm = Peakfinder8Params(min_snr=4.0, adc_threshold=2.0)
+    dense, sparse = _both(prm, frames, mask=mask)
+    assert sum(t.n for t in dense) >= 3
+    _assert_same_tables(sparse, dense)
+    ints = np.nan_to_num(frames, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int32)
+    _assert_same_tables(*reversed(_both(prm, ints, mask=mask)))
+
+
+def test_sparse_equals_dense_with_fully_masked_groups():
+    """Radius groups whose pixels are all masked (here the outermost ones) hold no pixel in the
+    sparse path's group order: the sums of their neighbours stay exact."""
+    from peaknet_pva.peakfinder8 import _clipped_stats
+
+    rng = np.random.default_rng(3)
+    frames = rng.poisson(20.0, size=(2, 2, 64, 80)).astype(np.float32)
+    frames[:, 0, 30:33, 40:43] += 500.0
+    frames[:, 1, 50:52, 70:72] += 400.0  # next to the masked outer region
+    frames[1, 1, 8, 8] = np.nan
+    centre = np.array([31.5, 39.5])[:, None, None]
+    radius = np.broadcast_to(np.hypot(*np.mgrid[0:64, 0:80] - centre), (2, 64, 80)).copy()
+    mask = (radius < 42.0) & ~((radius >= 20.0) & (radius < 24.0))
+    prm = Peakfinder8Params(min_snr=4.0, adc_threshold=2.0, min_bin_pixels=20)
+    dense, sparse = _both(prm, frames, radius=radius, mask=mask)
+    assert sum(t.n for t in dense) >= 2
+    _assert_same_tables(sparse, dense)
+    # the clipped means themselves (more sensitive than the peaks): sparse vs every-pixel stats
+    pf8 = Peakfinder8(prm, radius=radius, mask=mask, method="sparse")
+    st = pf8._sparse_tables((2, 64, 80))
+    assert st["n_good"][-1] == 0  # the case in point: the last group has no good pixel
+    xf = frames[0].reshape(-1)
+    mean = pf8._sparse_stats(st, xf, None, st["n_good"])[0]
+    ref, _, _ = _clipped_stats(
+        torch.from_numpy(xf[None]), torch.from_numpy(st["good"][None]), torch.from_numpy(st["gid_np"]),
+        st["groups"], prm.sigma_clip_iterations, prm.clip_snr,
+    )
+    has = st["n_good"] > 0
+    assert np.allclose(mean[has], ref[0].numpy()[has], rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_tail_round_is_the_float32_selection():
+    """A clipping round over the tail selects exactly the values with ``|fl32(x - r)| <= h`` per
+    group, including ties, signed zeros, tiny values and zero-width windows, and sums them per
+    group (empty groups included)."""
+    from peaknet_pva.peakfinder8 import _Tail
 
     rng = np.random.default_rng(5)
     groups = 40
-    g = rng.integers(0, groups, 4000)
+    g = np.sort(rng.integers(1, groups - 3, 4000))  # the first and the last groups stay empty
     v = rng.normal(0.0, 1.0, g.size).astype(np.float32)
     v[::7] = np.round(v[::7])  # ties
     v[::11] = np.float32(-0.0)
     v[::13] = rng.normal(0.0, 1e-30, v[::13].size).astype(np.float32)  # tiny values near 0
     shift = rng.normal(0.0, 0.1, groups)
-    runs = _Runs(g, v, shift)
+    tail = _Tail(v, np.bincount(g, minlength=groups), shift)
+    e = v.astype(np.float64) - shift[g]
+    n, s1, s2 = tail.total()
+    assert np.array_equal(n, np.bincount(g, minlength=groups))
+    assert np.allclose(s1, np.bincount(g, weights=e, minlength=groups), rtol=1e-12, atol=1e-12)
+    assert np.allclose(s2, np.bincount(g, weights=e * e, minlength=groups), rtol=1e-12, atol=1e-12)
     for trial in range(20):
         r32 = rng.normal(0.0, 1.0, groups).astype(np.float32)
         h32 = np.abs(rng.normal(0.0, 1.0, groups)).astype(np.float32)
@@ -318,16 +376,12 @@ def test_sparse_runs_window_is_the_float32_selection():
             h32 = np.abs(r32)  # window edge at 0: tiny values decide
         if trial % 5 == 0:
             h32[:5] = 0.0
-        lo, hi = runs.window(r32, h32)
-        cnt, s1, s2 = runs.sums(lo, hi)
-        sel = np.abs(v - r32[g]) <= h32[g]
-        e = v.astype(np.float64) - shift[g]
-        assert np.array_equal(cnt, np.bincount(g, weights=sel, minlength=groups))
-        assert np.allclose(s1, np.bincount(g, weights=e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
-        assert np.allclose(s2, np.bincount(g, weights=e * e * sel, minlength=groups), rtol=1e-12, atol=1e-12)
-        # the masked round (small sets) gives the same count and sums as the searched one
-        _, cnt_m, s1_m, s2_m = runs.round(r32, h32)
-        assert np.array_equal(cnt_m, cnt) and np.allclose(s1_m, s1, atol=1e-9) and np.allclose(s2_m, s2, atol=1e-9)
+        sel_ref = np.abs(v - r32[g]) <= h32[g]
+        sel, cnt, s1, s2 = tail.round(r32, h32)
+        assert np.array_equal(sel[:-1], sel_ref) and not sel[-1]
+        assert np.array_equal(cnt, np.bincount(g, weights=sel_ref, minlength=groups))
+        assert np.allclose(s1, np.bincount(g, weights=e * sel_ref, minlength=groups), rtol=1e-12, atol=1e-12)
+        assert np.allclose(s2, np.bincount(g, weights=e * e * sel_ref, minlength=groups), rtol=1e-12, atol=1e-12)
 
 
 def test_sparse_method_validation():
