@@ -66,6 +66,9 @@ class FinderConfig:
     #: input normalisation: "auto" = what the checkpoint declares (``PeakNetConfig.norm``), or force
     #: "instance" / "robust" (only meaningful for weights trained that way).
     norm: str = "auto"
+    #: isolated-pixel (hot pixel) veto of the PeakNet backend, see ``pipeline.isolated_pixels``:
+    #: None = auto (0.05 with the robust norm, off with the instance norm), 0 = off, or a ratio.
+    isolated_ratio: float | None = None
     #: peakfinder8 backend only: a detector preset name (tuned parameters and its radius map, see
     #: ``peakfinder8.TUNED_PARAMS``) or a dict of ``Peakfinder8Params`` fields; None = defaults.
     peakfinder8: str | dict[str, Any] | None = field(default=None, hash=False)
@@ -100,6 +103,8 @@ class FinderConfig:
             raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.isolated_ratio is not None and not 0.0 <= float(self.isolated_ratio) < 1.0:
+            raise ConfigError(f"isolated_ratio must be None (auto) or in [0, 1), got {self.isolated_ratio!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32; got {self.dtype!r}")
         from .geometry import MASK_CONVENTIONS, DetectorGeometry
@@ -255,6 +260,7 @@ class PeakFinder:
                 max_peaks=cfg.max_peaks,
                 per_event_norm=cfg.per_event_norm,
                 norm=None if cfg.norm == "auto" else cfg.norm,
+                isolated_ratio=cfg.isolated_ratio,
                 bad_pixels=(
                     torch.from_numpy(self.bad_pixels.copy()).to(self.device)
                     if self.bad_pixels is not None and self.bad_pixels.any() else None

@@ -169,3 +169,50 @@ def test_peaknet_backend_never_peaks_in_the_padding():
     tables = backend.extract(backend.compute(frames), frames)
     assert tables[0].n == 2  # one L-shaped edge component per panel
     assert float(tables[0].x.max()) <= 38 and float(tables[0].y.max()) <= 46
+
+
+def test_isolated_pixels_are_hot_pixels_not_spots():
+    """The hot-pixel veto flags a full-scale single pixel and never a sigma >= 0.4 px spot, even
+    one centred on a pixel; it is on for robust-norm weights only (published checkpoints unchanged)."""
+    from peaknet_pva.pipeline import ISOLATED_RATIO, isolated_pixels
+    from peaknet_pva.preprocess import preprocess
+
+    rng = np.random.default_rng(0)
+    frame = rng.poisson(50.0, (1, 1, 96, 96)).astype(np.float32)
+    frame[0, 0, 10, 10] = 65535.0  # hot
+    frame[0, 0, 0, 40] = 65535.0  # hot on the edge
+    from scipy.special import erf
+
+    edges = np.arange(97) - 0.5
+    for (cy, cx), sigma in (((40, 40), 0.4), ((60, 60), 0.5), ((70, 20), 2.0)):  # pixel-integrated
+        fy = np.diff(erf((edges - cy) / (sigma * np.sqrt(2)))) / 2
+        fx = np.diff(erf((edges - cx) / (sigma * np.sqrt(2)))) / 2
+        frame[0, 0] += 50000.0 * np.outer(fy, fx)
+    x, (h, w) = preprocess(torch.from_numpy(frame), norm="robust")
+    hot = isolated_pixels(x[:, 0, :h, :w])
+    assert sorted(map(tuple, torch.nonzero(hot[0]).tolist())) == [(0, 40), (10, 10)]
+    assert PeakNetBackend(torch.nn.Identity(), norm="robust").veto_ratio == ISOLATED_RATIO
+    assert PeakNetBackend(torch.nn.Identity(), norm="instance").veto_ratio == 0.0
+    assert PeakNetBackend(torch.nn.Identity(), norm="robust", isolated_ratio=0.0).veto_ratio == 0.0
+
+
+def test_default_weights_never_peak_on_isolated_hot_pixels():
+    """Shipped weights on noise with 300 full-scale hot pixels per 512^2 panel (no mask given):
+    with the veto no peak sits on an isolated hot pixel; without it (isolated_ratio 0) some do."""
+    rng = np.random.default_rng(5)
+    frame = rng.poisson(0.5, (2, 1, 512, 512)).astype(np.float32)
+    hot = [rng.integers(2, 510, (300, 2)) for _ in range(2)]
+    for i, h in enumerate(hot):
+        frame[i, 0, h[:, 0], h[:, 1]] = 65535.0
+
+    def on_isolated_hot(tables) -> int:
+        n = 0
+        for t, h in zip(tables, hot):
+            d = np.hypot(h[:, None, 0] - h[None, :, 0], h[:, None, 1] - h[None, :, 1])
+            iso = h[(d < 1.5).sum(1) == 1]  # no other hot pixel next to it
+            n += sum(np.min(np.hypot(iso[:, 0] - y, iso[:, 1] - x)) < 1.0 for y, x in zip(t.y, t.x))
+        return n
+
+    off = PeakFinder(weights="default", device="cpu", batch_size=2, isolated_ratio=0.0).find(frame)
+    on = PeakFinder(weights="default", device="cpu", batch_size=2).find(frame)
+    assert on_isolated_hot(on) == 0 < on_isolated_hot(off)

@@ -95,6 +95,7 @@ class PeakNetProcessorParams:
     max_inflight_mb: float = 2048.0
     per_event_norm: bool = False
     norm: str = "auto"
+    isolated_ratio: float | None = None
     peakfinder8: str | dict[str, Any] | None = None
     geometry: str | None = None
     mask: str | None = None
@@ -133,6 +134,8 @@ class PeakNetProcessorParams:
         fix(self, "max_inflight_mb", _as_float("max_inflight_mb", self.max_inflight_mb, 0.001, 16_000_000.0))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
         fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
+        if self.isolated_ratio is not None:
+            fix(self, "isolated_ratio", _as_float("isolated_ratio", self.isolated_ratio, 0.0, 0.999))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
             raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
         for key in ("geometry", "mask", "mask_dataset"):
@@ -337,6 +340,7 @@ class PeakNetImageProcessor(AdImageProcessor):
             max_peaks=p.max_peaks,
             per_event_norm=p.per_event_norm,
             norm=p.norm,
+            isolated_ratio=p.isolated_ratio,
             peakfinder8=p.peakfinder8,
             geometry=p.geometry,
             mask=p.mask,
