@@ -88,7 +88,8 @@ def test_default_weights_on_a_mid_background_cell(default_finder):
     frames, truths = cell_frames(cell, 1, ROBUST_SEED)
     metrics = evaluate(default_finder.find(frames), truths)
     assert metrics.n_truth > 100
-    # Measured 0.80 (precision 0.94) with the weights of 2026-12-02 (before them: 0.016); the
-    # issue's target is 0.95: this guards against regression, it does not claim the target.
-    assert metrics.f1 >= 0.75, metrics.as_dict()
+    # Measured 0.80 (precision 0.94) with the weights of 2026-12-02 (before them: 0.016), 0.863
+    # (precision 0.956) with those of 2026-12-04; the target is 0.95: this guards against
+    # regression, it does not claim the target.
+    assert metrics.f1 >= 0.8, metrics.as_dict()
     assert metrics.precision >= 0.9, metrics.as_dict()
