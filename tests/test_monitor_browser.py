@@ -13,6 +13,8 @@ import pytest
 
 from pva_helpers import PEAKNET_CLASS, PEAKNET_CPU_ARGS, START_TIMEOUT_S, consumer_set, tiny_dataset, unique_tag, wait_until
 
+import pvaccess as pva  # noqa: E402
+
 from peaknet_pva.pva import procs  # noqa: E402
 
 pytestmark = [pytest.mark.pva, pytest.mark.timeout(400)]
@@ -40,6 +42,15 @@ def _driver(tmp_path: Path):
     return drv
 
 
+def _output_connected(url: str, channel: str) -> bool:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "api/snapshot", timeout=5) as resp:
+        snap = json.loads(resp.read())
+    return any(c["channel"] == channel and c.get("outputConnected") for c in snap.get("consumers", []))
+
+
 def test_monitor_page_in_chromium(tmp_path: Path) -> None:
     drv = _driver(tmp_path)
     n_frames = 40
@@ -49,12 +60,19 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
     args.pop("model")
     mon, url = procs.start_monitor(f"{tag}:pk:*:output", status=f"{tag}:pk:*:status", n_consumers=2, port=0,
                                    min_peaks=1, runtime_s=300, log_path=tmp_path / "monitor.log")
-    replay = procs.start_replay(data_dir, f"{tag}:image", fps=20, wait_connected=[f"{tag}:pk:1:status"],
+    ready = f"{tag}:ready"  # served by this test once the monitor has the output channel
+    replay = procs.start_replay(data_dir, f"{tag}:image", fps=20, wait_for=[ready], wait_connected=[f"{tag}:pk:1:status"],
                                 extra=["--wait-timeout", str(2 * START_TIMEOUT_S), "--report-period", "0"],
                                 log_path=tmp_path / "replay.log")
+    gate = None
     try:
         with consumer_set(PEAKNET_CLASS, f"{tag}:image", tag, tmp_path, role="pk", n_consumers=1, processor_args=args) as pk:
             with procs.OutputMonitor(pk.output_channels) as out:
+                out.wait_connected(30)
+                # pvAccess searches back off: hold the stream until the monitor has the output channel.
+                wait_until(lambda: _output_connected(url, f"{tag}:pk:1:output"), 60, what="monitor on the output channel")
+                gate = pva.PvaServer()
+                gate.addRecord(ready, pva.PvObject({"value": pva.INT}, {"value": 1}), None)
                 assert replay.popen.wait(120) == 0, replay.log_text()
                 assert not out.wait_for(range(1, n_frames + 1), timeout_s=120)
                 published = out.snapshot()
@@ -75,9 +93,7 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
                 assert counter("dropped") == str(user["nDropped"]) and counter("bad") == str(user["nBadFrames"])
                 assert counter("missedIds") == str(user["nMissedIds"]) and counter("hits") == str(user["nHits"])
                 frames = drv.find_element("css selector", f"{row} td[data-field='frames']").text
-                # The monitor subscribed before the consumer existed: pvAccess's search backs off, so it may
-                # connect a moment after the first frames went out (those are in the status counters only).
-                assert n_frames - 5 <= int(frames) <= n_frames, frames
+                assert int(frames) == n_frames, frames  # every published frame seen, once
                 # live: count pushes over 3 s
                 u0 = drv.execute_script("return window.monitorUpdates")
                 time.sleep(3.0)
@@ -100,4 +116,6 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
         drv.quit()
         replay.stop(10)
         mon.stop(15)
+        if gate is not None:
+            gate.stop()
     assert "Traceback" not in mon.log_text(), mon.log_text()[-3000:]

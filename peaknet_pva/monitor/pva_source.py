@@ -107,6 +107,7 @@ class PvaSource:
                 log.debug("%s: not a peaknet output (%s)", name, exc)
                 return
             if update.unique_id == 0:
+                state.mark_output_connected(name)
                 return  # the initial value of a consumer that has published nothing yet
             state.add_peaks(update)
             if update.n_peaks > 0 and update.n_peaks >= state.config.min_peaks:

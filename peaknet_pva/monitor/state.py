@@ -226,6 +226,8 @@ class _Channel:
     n_peaks: int = 0
     last_unique_id: int = 0
     last_update: float | None = None
+    #: the output monitor has its first value (a consumer's placeholder counts): frames from now on are seen
+    output_connected: bool = False
     min_peaks: int | None = None
     bins: deque = field(default_factory=deque)  # [bin_start, frames, hits]
     status: dict[str, Any] = field(default_factory=dict)
@@ -399,6 +401,11 @@ class MonitorState:
         with self._lock:
             self.n_errors += 1
 
+    def mark_output_connected(self, channel: str) -> None:
+        """The output channel's monitor got its first value: no frame published from now is missed."""
+        with self._lock:
+            self._channel(channel).output_connected = True
+
     # -- reading -------------------------------------------------------------------------------
 
     def _render_pictures(self) -> dict[str, str]:
@@ -441,7 +448,8 @@ class MonitorState:
                 }
                 consumers.append({
                     "channel": name,
-                    "connected": ch.last_update is not None or ch.status_time is not None,
+                    "connected": ch.output_connected or ch.last_update is not None or ch.status_time is not None,
+                    "outputConnected": ch.output_connected or ch.last_update is not None,
                     "alive": (ch.status_time is not None and now - ch.status_time < 10.0)
                              or (ch.last_update is not None and now - ch.last_update < 10.0),
                     "frames": ch.n_frames,
