@@ -42,6 +42,21 @@ def _driver(tmp_path: Path):
     return drv
 
 
+def _text(drv, selector: str) -> str:
+    """textContent of one element, read atomically (the page rebuilds its rows on every update)."""
+    return str(drv.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent.trim() : '';",
+                                  selector))
+
+
+def _hit(drv) -> tuple[str, int, str]:
+    """(uniqueId, circles drawn, 'peaks' text) of the latest hit, in one consistent read."""
+    uid, n, text = drv.execute_script(
+        "const s = document.getElementById('hit-svg'); const t = document.getElementById('hit-npeaks');"
+        "return [s ? (s.getAttribute('data-unique-id') || '') : '', s ? s.querySelectorAll('circle.peak').length : 0,"
+        " t ? t.textContent.trim() : ''];")
+    return uid, int(n), text
+
+
 def _output_connected(url: str, channel: str) -> bool:
     import json
     import urllib.request
@@ -84,7 +99,7 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
                 row = f"tr[data-channel='{tag}:pk:1:output']"
 
                 def counter(name: str) -> str:
-                    return drv.find_element("css selector", f"{row} td[data-counter='{name}']").text
+                    return _text(drv, f"{row} td[data-counter='{name}']")
 
                 wait_until(lambda: counter("processed") == str(status["userStats"]["nProcessed"]), 20,
                            what="page counters = status channel")
@@ -92,7 +107,7 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
                 assert user["nProcessed"] == n_frames
                 assert counter("dropped") == str(user["nDropped"]) and counter("bad") == str(user["nBadFrames"])
                 assert counter("missedIds") == str(user["nMissedIds"]) and counter("hits") == str(user["nHits"])
-                frames = drv.find_element("css selector", f"{row} td[data-field='frames']").text
+                frames = _text(drv, f"{row} td[data-field='frames']")
                 assert int(frames) == n_frames, frames  # every published frame seen, once
                 # live: count pushes over 3 s
                 u0 = drv.execute_script("return window.monitorUpdates")
@@ -100,11 +115,11 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
                 rate = (drv.execute_script("return window.monitorUpdates") - u0) / 3.0
                 assert rate >= 2.0, rate
                 # the latest hit: one circle per peak published with that uniqueId
-                wait_until(lambda: drv.find_element("id", "hit-svg").get_attribute("data-unique-id"), 20, what="a hit image")
-                uid = int(drv.find_element("id", "hit-svg").get_attribute("data-unique-id"))
-                n_circles = len(drv.find_elements("css selector", "#hit-svg circle.peak"))
+                wait_until(lambda: _hit(drv)[0], 20, what="a hit image")
+                uid, n_circles, n_text = _hit(drv)  # read in one script: the page redraws 4x a second
+                uid = int(uid)
                 expected = published[uid][0][1].n
-                assert expected > 0 and n_circles == expected == int(drv.find_element("id", "hit-npeaks").text)
+                assert expected > 0 and n_circles == expected == int(n_text)
                 assert drv.execute_script("return document.getElementById('hit-img').naturalWidth") > 0
                 shot = tmp_path / "monitor.png"
                 drv.save_screenshot(str(shot))
