@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch pinned to the CPU wheel where there is no NVIDIA GPU (plain `torch` pulls GBs of CUDA).
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= pva,dev,codecs,monitor
+EXTRAS ?= pva,dev,codecs,monitor,bench
 
 .PHONY: venv demo test test-fast bench clean
 
