@@ -112,12 +112,10 @@ def _port_free(port: int) -> bool:
 
 def _monitor_frames(url: str) -> int:
     """Frames the monitor page has counted, over all consumers (0 if it does not answer)."""
-    import urllib.request
+    from .monitor import read_snapshot
 
     try:
-        with urllib.request.urlopen(url + "api/snapshot", timeout=5.0) as resp:
-            snap = json.loads(resp.read())
-        return int(sum(c.get("frames", 0) for c in snap.get("consumers", [])))
+        return int(sum(c.get("frames", 0) for c in read_snapshot(url).get("consumers", [])))
     except (OSError, ValueError) as exc:
         log.warning("monitor snapshot not read: %s", exc)
         return 0

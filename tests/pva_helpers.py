@@ -155,3 +155,23 @@ class FakePublisher:
 
     def updateOutputChannel(self, pv: Any) -> None:  # noqa: N802 (pvapy's name)
         self.objects.append(pv.copy())
+
+
+class ReadyGate:
+    """A channel a replay started with ``wait_for=[gate.name]`` waits on: ``open()`` serves it, so
+    the stream starts exactly when the test's own clients are connected. Stop with ``close()``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._server: Any = None
+
+    def open(self) -> None:
+        import pvaccess as pva
+
+        self._server = pva.PvaServer()
+        self._server.addRecord(self.name, pva.PvObject({"value": pva.INT}, {"value": 1}), None)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pva_helpers import PEAKNET_CLASS, PEAKNET_CPU_ARGS, START_TIMEOUT_S, consumer_set, tiny_dataset, unique_tag, wait_until
+from pva_helpers import (PEAKNET_CLASS, PEAKNET_CPU_ARGS, START_TIMEOUT_S, ReadyGate, consumer_set, tiny_dataset,
+                         unique_tag, wait_until)
 
-import pvaccess as pva  # noqa: E402
-
+from peaknet_pva.monitor import read_snapshot  # noqa: E402
 from peaknet_pva.pva import procs  # noqa: E402
 
 pytestmark = [pytest.mark.pva, pytest.mark.timeout(400)]
@@ -58,11 +58,7 @@ def _hit(drv) -> tuple[str, int, str]:
 
 
 def _output_connected(url: str, channel: str) -> bool:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(url + "api/snapshot", timeout=5) as resp:
-        snap = json.loads(resp.read())
+    snap = read_snapshot(url)
     return any(c["channel"] == channel and c.get("outputConnected") for c in snap.get("consumers", []))
 
 
@@ -75,19 +71,17 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
     args.pop("model")
     mon, url = procs.start_monitor(f"{tag}:pk:*:output", status=f"{tag}:pk:*:status", n_consumers=2, port=0,
                                    min_peaks=1, runtime_s=300, log_path=tmp_path / "monitor.log")
-    ready = f"{tag}:ready"  # served by this test once the monitor has the output channel
-    replay = procs.start_replay(data_dir, f"{tag}:image", fps=20, wait_for=[ready], wait_connected=[f"{tag}:pk:1:status"],
+    gate = ReadyGate(f"{tag}:ready")  # opened once the monitor has the output channel
+    replay = procs.start_replay(data_dir, f"{tag}:image", fps=20, wait_for=[gate.name], wait_connected=[f"{tag}:pk:1:status"],
                                 extra=["--wait-timeout", str(2 * START_TIMEOUT_S), "--report-period", "0"],
                                 log_path=tmp_path / "replay.log")
-    gate = None
     try:
         with consumer_set(PEAKNET_CLASS, f"{tag}:image", tag, tmp_path, role="pk", n_consumers=1, processor_args=args) as pk:
             with procs.OutputMonitor(pk.output_channels) as out:
                 out.wait_connected(30)
                 # pvAccess searches back off: hold the stream until the monitor has the output channel.
                 wait_until(lambda: _output_connected(url, f"{tag}:pk:1:output"), 60, what="monitor on the output channel")
-                gate = pva.PvaServer()
-                gate.addRecord(ready, pva.PvObject({"value": pva.INT}, {"value": 1}), None)
+                gate.open()
                 assert replay.popen.wait(120) == 0, replay.log_text()
                 assert not out.wait_for(range(1, n_frames + 1), timeout_s=120)
                 published = out.snapshot()
@@ -131,6 +125,5 @@ def test_monitor_page_in_chromium(tmp_path: Path) -> None:
         drv.quit()
         replay.stop(10)
         mon.stop(15)
-        if gate is not None:
-            gate.stop()
+        gate.close()
     assert "Traceback" not in mon.log_text(), mon.log_text()[-3000:]

@@ -30,6 +30,7 @@ from pva_helpers import (  # noqa: I001
     PEAKNET_CLASS,
     PEAKNET_CPU_ARGS,
     START_TIMEOUT_S,
+    ReadyGate,
     consumer_set,
     planted_frames,
     tiny_dataset,
@@ -357,21 +358,19 @@ def test_bslz4_replay_into_peaknet_consumer(tmp_path: Path) -> None:
     ds = load_dataset(data_dir)
     tag = unique_tag("rcz")
     image = f"{tag}:image"
-    ready = f"{tag}:ready"  # served by this test once its output monitor is connected
+    gate = ReadyGate(f"{tag}:ready")  # opened once this test's output monitor is connected
     args = {k: v for k, v in PEAKNET_CPU_ARGS.items() if k not in ("model", "photon_energy_ev")}
     args["weights"] = "default"  # deterministic weights: the in-process finder below is the same model
     replay = procs.start_replay(
-        data_dir, image, fps=40, codec="bslz4", wait_for=[ready],
+        data_dir, image, fps=40, codec="bslz4", wait_for=[gate.name],
         extra=["--wait-timeout", str(2 * START_TIMEOUT_S), "--report-period", "0", "--linger", "0.5"],
         log_path=tmp_path / "replay.log",
     )
-    gate = None
     try:
         with consumer_set(PEAKNET_CLASS, image, tag, tmp_path, role="pk", processor_args=args) as pk:
             with procs.OutputMonitor(pk.output_channels) as mon:
                 mon.wait_connected(30)
-                gate = pva.PvaServer()
-                gate.addRecord(ready, pva.PvObject({"value": pva.INT}, {"value": 1}), None)
+                gate.open()
                 assert replay.popen.wait(120) == 0, replay.log_text()
                 missing = mon.wait_for(range(1, n + 1), timeout_s=60)
                 assert not missing, f"never published: {sorted(missing)}"
@@ -381,8 +380,7 @@ def test_bslz4_replay_into_peaknet_consumer(tmp_path: Path) -> None:
             assert pk.poll() is None
     finally:
         replay.stop(10)
-        if gate is not None:
-            gate.stop()
+        gate.close()
     assert "codec bslz4" in replay.log_text() and "smaller" in replay.log_text()
     assert stats["nProcessed"] == n and stats["nBadFrames"] == 0
     assert stats["nDropped"] == 0 and stats["nMissedIds"] == 0
