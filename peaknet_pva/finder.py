@@ -39,7 +39,7 @@ DEFAULT_PRESET = "peaknet-atto-s"
 DEFAULT_WEIGHTS_FILE = "peaknet-default.pt"
 BACKENDS = ("peaknet", "peakfinder8")
 CENTROIDS = ("mask", "intensity")
-NORMS = ("auto", "instance", "robust")
+NORMS = ("auto", "instance", "robust", "local")
 
 
 def default_weights_path() -> Path:

@@ -102,7 +102,7 @@ class PeakNetBackend:
     @property
     def veto_ratio(self) -> float:
         """The isolated-pixel ratio in use (0 = off; only the robust norm gives noise units)."""
-        if self.input_norm != "robust":
+        if self.input_norm not in ("robust", "local"):
             return 0.0
         return ISOLATED_RATIO if self.isolated_ratio is None else float(self.isolated_ratio)
 

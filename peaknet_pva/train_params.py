@@ -70,8 +70,8 @@ class TrainParams:
             raise ConfigError(f"detect_snr must be in [1, 50], got {self.detect_snr}")
         if not self.max_background > 0.01:
             raise ConfigError(f"max_background must be > 0.01 photons/pixel, got {self.max_background}")
-        if self.norm not in ("instance", "robust"):
-            raise ConfigError(f"norm must be instance or robust, got {self.norm!r}")
+        if self.norm not in ("instance", "robust", "local"):
+            raise ConfigError(f"norm must be instance, robust or local, got {self.norm!r}")
 
 
 def _parse_bool(text: str) -> bool:

@@ -50,7 +50,7 @@ SIZE_MULTIPLE = 32
 #: Each lateral layer upsamples by this factor (PeakNet ``seg_head.base_scale_factor``).
 BASE_SCALE_FACTOR = 2
 #: Input normalisations a checkpoint can declare (``PeakNetConfig.norm``); see ``preprocess``.
-NORMS = ("instance", "robust")
+NORMS = ("instance", "robust", "local")
 
 
 def _as_int(name: str, value: Any, *, minimum: int) -> int:

@@ -133,7 +133,7 @@ class PeakNetProcessorParams:
         fix(self, "max_frame_mpix", _as_float("max_frame_mpix", self.max_frame_mpix, 0.001, 100_000.0))
         fix(self, "max_inflight_mb", _as_float("max_inflight_mb", self.max_inflight_mb, 0.001, 16_000_000.0))
         fix(self, "per_event_norm", _as_bool("per_event_norm", self.per_event_norm))
-        fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust")))
+        fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust", "local")))
         if self.isolated_ratio is not None:
             fix(self, "isolated_ratio", _as_float("isolated_ratio", self.isolated_ratio, 0.0, 0.999))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
