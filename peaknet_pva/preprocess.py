@@ -23,15 +23,17 @@ Two normalisations (``norm``; a checkpoint declares which one its weights expect
   strided subset of at most ``STAT_SAMPLES`` pixels per panel. ``asinh`` is linear for noise and
   logarithmic for spots, so the network sees spot *shape* the same at any brightness. The result is
   invariant to gain (ADU/photon, keV, ...) and pedestal, and a few hot pixels cannot move it.
-- ``"local"``: the robust norm with ``c`` and ``s`` taken per ``LOCAL_BLOCK``² block and
-  interpolated bilinearly between block centres, so a structured background (radial fall-off,
+- ``"local"``: the robust norm with ``c`` and ``s`` taken per block and interpolated bilinearly between block centres, so a structured background (radial fall-off,
   water ring, smooth scatter) is subtracted and each pixel is scaled by the noise *where it is*.
   A panel-wide ``s`` on a 300-photon ring background is 3-16x the pixel noise, which makes
-  faint spots there look like noise to the network. A block's ``c`` is its median after the same
-  one-step refinement; its ``s`` is the nonzero MAD of the residual after ``c`` is subtracted, never
+  faint spots there look like noise to the network. A block's ``c`` is its median over pixels not
+  more than ``REFINE_K`` panel scales *below* the panel's ``c`` (zeroed gaps under a pedestal are
+  not background; a bright beam centre is); its ``s`` is the nonzero MAD of the residual after
+  ``c`` is subtracted, refined once, never
   above the panel's robust ``s`` (a block of zeros holding one spot would otherwise take its scale
-  from the spot). Blocks with fewer than ``LOCAL_MIN_PIXELS`` valid sampled pixels take the
-  panel's values. Per panel only.
+  from the spot). ``c`` comes from ``LOCAL_BLOCK``² blocks, ``s`` from coarser ``SCALE_BLOCK``²
+  ones; a block with under ``LOCAL_MIN_SHARE`` of its sampled pixels valid takes the panel's
+  values. Per panel only.
 
 torch is imported lazily so ``peaknet_pva`` imports without it.
 """
@@ -55,12 +57,16 @@ REFINE_K = 5.0
 #: Robust norm: at most this many pixels (a fixed stride through each panel) feed the statistics.
 STAT_SAMPLES = 65536
 _MAD_TO_SIGMA = 1.4826
-#: Local norm: side of the square blocks whose statistics are interpolated over the panel.
-LOCAL_BLOCK = 32
+#: Local norm: side of the square blocks whose median background is interpolated over the panel
+#: (small enough to follow a 10-px-wide water ring at a 300-photon level).
+LOCAL_BLOCK = 16
+#: Local norm: side of the blocks whose noise scale is interpolated (noise varies slowly, and a
+#: scale from too few pixels would itself be noisy).
+SCALE_BLOCK = 32
 #: Local norm: every LOCAL_STEP-th row and column of a block feeds its statistics.
 LOCAL_STEP = 2
-#: Local norm: a block needs this many valid sampled pixels, else it takes the panel's statistics.
-LOCAL_MIN_PIXELS = 48
+#: Local norm: a block needs this share of its sampled pixels valid, else it takes the panel's statistics.
+LOCAL_MIN_SHARE = 1 / 3
 
 
 def padded_shape(h: int, w: int, multiple: int = 32) -> tuple[int, int]:
@@ -244,24 +250,39 @@ def _normalise_robust_(x: torch.Tensor, bad: torch.Tensor | None, per_event: boo
     x.masked_fill_(excl, 0.0)
 
 
-def _blocks(v: torch.Tensor, hb: int, wb: int) -> torch.Tensor:
-    """``(n, H, W)`` NaN-marked -> ``(n * hb * wb, k)`` strided samples of each block (NaN-padded)."""
+def _blocks(v: torch.Tensor, bs: int) -> torch.Tensor:
+    """``(n, H, W)`` NaN-marked -> ``(n * hb * wb, k)``: every ``LOCAL_STEP``-th row and column of
+    each ``bs``-square block (NaN-padded at the bottom-right)."""
     import torch.nn.functional as F
 
     n, h, w = v.shape
-    bs, st = LOCAL_BLOCK, LOCAL_STEP
+    hb, wb, st = -(-h // bs), -(-w // bs), LOCAL_STEP
     v = F.pad(v, (0, wb * bs - w, 0, hb * bs - h), value=float("nan"))
     v = v.view(n, hb, bs, wb, bs)[:, :, ::st, :, ::st]
     return v.permute(0, 1, 3, 2, 4).reshape(n * hb * wb, -1)
 
 
-def _block_map(stat: torch.Tensor, n: int, hb: int, wb: int, h: int, w: int) -> torch.Tensor:
+def _block_map(stat: torch.Tensor, n: int, bs: int, h: int, w: int) -> torch.Tensor:
     """Per-block values ``(n * hb * wb, 1)`` -> ``(n, h, w)``, bilinear between block centres."""
     import torch.nn.functional as F
 
-    grid = stat.view(n, 1, hb, wb)
-    full = F.interpolate(grid, size=(hb * LOCAL_BLOCK, wb * LOCAL_BLOCK), mode="bilinear", align_corners=False)
+    hb, wb = -(-h // bs), -(-w // bs)
+    full = F.interpolate(stat.view(n, 1, hb, wb), size=(hb * bs, wb * bs), mode="bilinear", align_corners=False)
     return full[:, 0, :h, :w]
+
+
+def _block_stat(v: torch.Tensor, bs: int, panel: torch.Tensor, stat) -> torch.Tensor:
+    """``stat`` of each block of ``v`` (``(rows, k)`` NaN-marked -> ``(rows, 1)``), the panel's
+    value where a block has too few valid pixels or no answer."""
+    import torch
+
+    n, h, w = v.shape
+    blocks = _blocks(v, bs)
+    k = blocks.shape[1]
+    fallback = panel.repeat_interleave(blocks.shape[0] // n, dim=0)
+    few = (~blocks.isnan()).sum(dim=1, keepdim=True) < max(1, int(LOCAL_MIN_SHARE * k))
+    got = stat(blocks)
+    return torch.where(few | ~torch.isfinite(got), fallback, got), fallback
 
 
 def _normalise_local_(x: torch.Tensor, bad: torch.Tensor | None) -> None:
@@ -277,22 +298,23 @@ def _normalise_local_(x: torch.Tensor, bad: torch.Tensor | None) -> None:
     v = x.masked_fill(excl, float("nan")).reshape(n, h, w)
     stride = max(1, -(-(h * w) // STAT_SAMPLES))
     cg, sg = _robust_stats(v.reshape(n, -1)[:, ::stride])  # the panel's own (n, 1)
-    hb, wb = -(-h // LOCAL_BLOCK), -(-w // LOCAL_BLOCK)
-    blocks = _blocks(v, hb, wb)
-    few = (~torch.isnan(blocks)).sum(dim=1, keepdim=True) < LOCAL_MIN_PIXELS
-    per_block = lambda t: t.repeat_interleave(hb * wb, dim=0)  # noqa: E731 - panel value per block
-    cb = torch.nanmedian(blocks.masked_fill((blocks - per_block(cg)).abs() > REFINE_K * per_block(sg), float("nan")),
-                         dim=1, keepdim=True).values
-    cb = torch.where(few | ~torch.isfinite(cb), per_block(cg), cb)
-    c = _block_map(cb, n, hb, wb, h, w)
-    r = v - c
-    rb = _blocks(r, hb, wb)
-    sb = _nonzero_mad(rb, torch.zeros_like(cb))
-    sb = _nonzero_mad(rb.masked_fill(rb.abs() > REFINE_K * sb, float("nan")), torch.zeros_like(cb))
-    # _nonzero_mad answers 1 where a block has no nonzero deviation: take the panel's there too.
-    none = (rb != 0).logical_and(~torch.isnan(rb)).sum(dim=1, keepdim=True) == 0
-    sb = torch.where(few | none, per_block(sg), torch.minimum(sb, per_block(sg)))
-    s = _block_map(sb, n, hb, wb, h, w)
+    # Far *below* the panel (zeroed gaps and dead areas under a pedestal) is not background; far
+    # above can be (the beam centre, a ring), so only the low side is left out of the statistics.
+    low = v < (cg - REFINE_K * sg).view(n, 1, 1)
+    cb, _ = _block_stat(v.masked_fill(low, float("nan")), LOCAL_BLOCK, cg,
+                        lambda t: torch.nanmedian(t, dim=1, keepdim=True).values)
+    r = v - _block_map(cb, n, LOCAL_BLOCK, h, w)
+
+    def scale(t: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros_like(t[:, :1])
+        s1 = _nonzero_mad(t, zero)
+        s2 = _nonzero_mad(t.masked_fill(t.abs() > REFINE_K * s1, float("nan")), zero)
+        # _nonzero_mad answers 1 where nothing deviates: no answer (the panel's scale is taken).
+        moved = ((t != 0) & ~t.isnan()).any(dim=1, keepdim=True)
+        return torch.where(moved, s2, torch.full_like(s2, float("nan")))
+
+    sb, panel_s = _block_stat(r.masked_fill(low, float("nan")), SCALE_BLOCK, sg, scale)
+    s = _block_map(torch.minimum(sb, panel_s), n, SCALE_BLOCK, h, w)
     x.copy_(r.div_(s).clamp_(min=-CLIP).asinh_().view(b, p, h, w))
     x.masked_fill_(excl, 0.0)
 
