@@ -116,7 +116,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_main
 
     if args.backends is None:
-        args.backends = "peaknet,peaknet:intensity,peakfinder8"
+        args.backends = "peaknet,peaknet:mask,peakfinder8"
     return int(evaluate_main(args) or 0)
 
 
@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-frames", type=int, default=20)
     s.add_argument("--seed", type=int, default=1000)
     s.add_argument("--backends", default=None,
-                   help="comma list: peaknet (mask centroid), peaknet:intensity, peakfinder8 "
-                        "(default: all three; with --matrix: peaknet,peakfinder8)")
+                   help="comma list: peaknet (default centroid), peaknet:mask, peaknet:intensity, peaknet:signal, peakfinder8 "
+                        "(default: peaknet,peaknet:mask,peakfinder8; with --matrix: peaknet,peakfinder8)")
     s.add_argument("--weights", default="default")
     s.add_argument("--device", default="auto")
     s.add_argument("--png", help="write an overlay PNG of one frame here")
@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--panel-shape", type=_panel_shape, default=None, help="H,W of one panel")
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--centroid", default="mask")
+    s.add_argument("--centroid", default="auto", help="auto (signal with our weights, mask with published ones), mask, intensity or signal")
     s.add_argument("--min-peaks", type=int, default=10)
     s.add_argument("--frames-per-file", type=int, default=100)
     s.add_argument("--photon-energy-ev", type=float, default=None,

@@ -877,7 +877,7 @@ def read_cxi(
                 intensity=cols["peakTotalIntensity"][i, :k],
                 npix=np.rint(cols["peakNPixels"][i, :k]),
                 n_overflow=int(overflow[i]) if i < overflow.shape[0] else 0,
-                centroid=centroid if centroid in ("mask", "intensity") else "mask",
+                centroid=centroid if centroid in ("mask", "intensity", "signal") else "mask",
             )
         )
     return CxiContents(

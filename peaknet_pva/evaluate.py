@@ -263,7 +263,7 @@ def evaluate_main(args: Any) -> int:
             elif name.split(":")[0] == "peaknet":
                 from .finder import PeakFinder
 
-                centroid = name.split(":", 1)[1] if ":" in name else "mask"
+                centroid = name.split(":", 1)[1] if ":" in name else "auto"
                 finder = PeakFinder(
                     weights=getattr(args, "weights", "default"), device=str(device), panel_shape=ds.panel_shape,
                     centroid=centroid,
@@ -275,7 +275,7 @@ def evaluate_main(args: Any) -> int:
                     found.extend(finder.find(frames[start : start + 4]))
                     bar.update(len(frames[start : start + 4]))
             else:
-                raise ValueError(f"unknown backend {name!r} (peaknet, peaknet:intensity, peakfinder8)")
+                raise ValueError(f"unknown backend {name!r} (peaknet, peaknet:CENTROID, peakfinder8)")
             elapsed = time.perf_counter() - t0
             metrics = evaluate(found, ds.truths).as_dict()
             metrics["seconds_per_frame"] = elapsed / max(len(frames), 1)

@@ -38,7 +38,7 @@ DEFAULT_PRESET = "peaknet-atto-s"
 #: File name of the shipped default weights inside the package.
 DEFAULT_WEIGHTS_FILE = "peaknet-default.pt"
 BACKENDS = ("peaknet", "peakfinder8")
-CENTROIDS = ("mask", "intensity")
+CENTROIDS = ("auto", "mask", "intensity", "signal")
 NORMS = ("auto", "instance", "robust", "local")
 
 
@@ -60,7 +60,7 @@ class FinderConfig:
     num_buffers: int = 3
     dtype: str = "auto"
     compile: bool = False
-    centroid: str = "mask"
+    centroid: str = "auto"
     max_peaks: int = 2048
     per_event_norm: bool = False
     #: input normalisation: "auto" = what the checkpoint declares (``PeakNetConfig.norm``), or force

@@ -34,7 +34,7 @@ __all__ = ["find_peaks", "CENTROIDS", "BACKENDS"]
 logger = logging.getLogger(__name__)
 
 #: Centroid definitions a PeakTable may report.
-CENTROIDS: tuple[str, ...] = ("mask", "intensity")
+CENTROIDS: tuple[str, ...] = ("mask", "intensity", "signal")
 #: Backends accepted by :func:`find_peaks`.
 BACKENDS: tuple[str, ...] = ("auto", "scipy", "cupy")
 
@@ -70,6 +70,7 @@ def find_peaks(
     centroid: str = "mask",
     max_peaks: int = 2048,
     backend: str = "auto",
+    weights: Any = None,
 ) -> list[PeakTable]:
     """Turn a batch of peak masks into one PeakTable per frame.
 
@@ -84,11 +85,15 @@ def find_peaks(
             else the mask shape (no padding).
         centroid: ``"mask"`` = unweighted mean of the component's pixel coordinates (the seed),
             ``"intensity"`` = raw-intensity-weighted mean over its valid pixels (falls back to the
-            mask centroid for a component whose weight sum is <= 0).
+            mask centroid for a component whose weight sum is <= 0), ``"signal"`` = weighted by
+            ``weights`` (required; e.g. the squared background-subtracted signal the PeakNet backend
+            computes), mask centroid where a component's weights sum to <= 0.
         max_peaks: keep at most this many peaks per frame, the strongest by intensity, in their
             original order; ``PeakTable.n_overflow`` counts the rest.
         backend: ``"scipy"`` (host), ``"cupy"`` (device), ``"auto"`` (cupy when masks are on a CUDA
             device and CuPy imports, else scipy; a CUDA tensor without CuPy is copied to the host).
+        weights: ``(B*P, H, W)`` non-negative centroid weights (``centroid="signal"`` only), the
+            same kind of array and shape as ``images``.
 
     Returns:
         ``B`` PeakTables; peaks ordered by panel, then by the raster order of each component's first
@@ -109,15 +114,22 @@ def find_peaks(
     if isinstance(n_panels, bool) or not isinstance(n_panels, (int, np.integer)) or n_panels < 1:
         raise ConfigError(f"n_panels must be an int >= 1, got {n_panels!r}")
 
+    if (centroid == "signal") != (weights is not None):
+        raise ConfigError("centroid='signal' needs weights, and weights are only used by it")
+    if weights is not None and images is None:
+        raise ConfigError("weights need images (the intensity column still comes from them)")
+
     use_cupy = _resolve_backend(backend, _array_kind(masks))
     args = (int(n_panels), valid_shape, centroid, int(max_peaks))
     if not use_cupy:
-        return _run(np, _to_numpy(masks), None if images is None else _to_numpy(images), *args)
+        conv = lambda a: None if a is None else _to_numpy(a)  # noqa: E731
+        return _run(np, _to_numpy(masks), conv(images), *args, weights=conv(weights))
     cp = _import_cupy()
     with _device_scope(cp, masks):
         m = _to_cupy(cp, masks, is_mask=True)
         im = None if images is None else _to_cupy(cp, images, is_mask=False)
-        return _run(cp, m, im, *args)
+        wt = None if weights is None else _to_cupy(cp, weights, is_mask=False)
+        return _run(cp, m, im, *args, weights=wt)
 
 
 def _run(
@@ -128,6 +140,7 @@ def _run(
     valid_shape: tuple[int, int] | None,
     centroid: str,
     max_peaks: int,
+    weights: Any = None,
 ) -> list[PeakTable]:
     """Check shapes, reduce the components on ``xp``'s side, split into per-frame tables."""
     masks = _check_masks(masks)
@@ -136,11 +149,15 @@ def _run(
         raise FrameError(f"{n} mask panels is not a whole number of frames of {n_panels} panels")
     if images is not None:
         images = _check_images(images, n)
+    if weights is not None:
+        weights = _check_images(weights, n)
+        if tuple(weights.shape) != tuple(images.shape):
+            raise FrameError(f"weights of shape {tuple(weights.shape)} do not match images {tuple(images.shape)}")
     vshape = _valid_shape(valid_shape, images, (hp, wp))
     eff_centroid = centroid if images is not None else "mask"
     if n == 0:
         return []
-    comps = _components(xp, masks, images, vshape, eff_centroid, skip_empty=xp is np)
+    comps = _components(xp, masks, images, vshape, eff_centroid, skip_empty=xp is np, weights=weights)
     return _split_frames(comps, n // n_panels, n_panels, max_peaks, eff_centroid)
 
 
@@ -156,6 +173,7 @@ def _components(
     centroid: str,
     *,
     skip_empty: bool,
+    weights: Any = None,
 ) -> _Components:
     """Label the ``(N, H', W')`` stack once and reduce every component by scatter-add.
 
@@ -212,15 +230,21 @@ def _components(
         # Gather without boolean compaction (which would sync on the device): clip the indices of
         # padding pixels into the image and zero their values.
         ih, iw = int(images.shape[1]), int(images.shape[2])
-        if valid is None:
-            vals = images[panel, yy, xx].astype(f64)
-        else:
-            vals = images[panel, xp.minimum(yy, ih - 1), xp.minimum(xx, iw - 1)].astype(f64)
-            vals = xp.where(valid, vals, 0.0)
+
+        def gather(a: Any) -> Any:
+            if valid is None:
+                return a[panel, yy, xx].astype(f64)
+            return xp.where(valid, a[panel, xp.minimum(yy, ih - 1), xp.minimum(xx, iw - 1)].astype(f64), 0.0)
+
+        vals = gather(images)
         intensity = _scatter_sum(xp, lab, vals, n_labels)
-        if centroid == "intensity":
-            ok = intensity > 0
-            denom = xp.where(ok, intensity, 1.0)
+        wsum = intensity
+        if centroid == "signal":
+            vals = xp.maximum(gather(weights), 0.0)
+            wsum = _scatter_sum(xp, lab, vals, n_labels)
+        if centroid in ("intensity", "signal"):
+            ok = wsum > 0
+            denom = xp.where(ok, wsum, 1.0)
             wy = _scatter_sum(xp, lab, vals * yy, n_labels) / denom
             wx = _scatter_sum(xp, lab, vals * xx, n_labels) / denom
             cy = xp.where(ok, wy, cy)

@@ -29,7 +29,7 @@ import torch
 from .errors import ConfigError, FrameError
 from .frames import PeakTable, check_dtype
 from .peaks import find_peaks
-from .preprocess import preprocess
+from .preprocess import preprocess, signal_units
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,10 @@ class PeakNetBackend:
 
     model: torch.nn.Module
     amp_dtype: torch.dtype = torch.float32
-    centroid: str = "mask"
+    #: "mask", "intensity", "signal" (weighted by the squared background-subtracted signal in
+    #: noise units, read off the normalised input) or "auto": "signal" with the robust or local
+    #: norm (our weights), "mask" with the instance norm (published checkpoints, as the seed).
+    centroid: str = "auto"
     max_peaks: int = 2048
     per_event_norm: bool = False
     norm: str | None = None
@@ -105,6 +108,13 @@ class PeakNetBackend:
         if self.input_norm not in ("robust", "local"):
             return 0.0
         return ISOLATED_RATIO if self.isolated_ratio is None else float(self.isolated_ratio)
+
+    @property
+    def centroid_mode(self) -> str:
+        """The centroid in use (``centroid`` with "auto" resolved)."""
+        if self.centroid != "auto":
+            return self.centroid
+        return "signal" if self.input_norm in ("robust", "local") else "mask"
 
     @property
     def input_norm(self) -> str:
@@ -136,6 +146,11 @@ class PeakNetBackend:
         with torch.inference_mode(), ctx:
             logits = self.model(x)
         mask = (logits[:, 1] > logits[:, 0]).to(torch.uint8)
+        weights = None
+        if self.centroid_mode == "signal":
+            # Noise units above the local background, squared: the spot's core steers the centroid,
+            # not its noisy wings, the pedestal or the background under it.
+            weights = signal_units(x[:, 0, :h, :w], self.input_norm).clamp_(min=0.0).square_()
         # Padding holds no data: a pixel there is never part of a peak (else a component at the
         # right or bottom edge could put its centroid outside the frame).
         mask[:, h:, :] = 0
@@ -146,17 +161,19 @@ class PeakNetBackend:
             b, p = frames.shape[:2]
             good = (~torch.broadcast_to(bad, frames.shape)).reshape(b * p, h, w).to(torch.uint8)
             mask[:, :h, :w].mul_(good)
-        return mask
+        return mask, weights
 
-    def extract(self, state: torch.Tensor, frames: torch.Tensor) -> list[PeakTable]:
+    def extract(self, state: tuple[torch.Tensor, torch.Tensor | None], frames: torch.Tensor) -> list[PeakTable]:
+        mask, weights = state
         b, p, h, w = frames.shape
         return find_peaks(
-            state,
+            mask,
             frames.reshape(b * p, h, w),
             n_panels=p,
             valid_shape=(h, w),
-            centroid=self.centroid,
+            centroid=self.centroid_mode,
             max_peaks=self.max_peaks,
+            weights=weights,
         )
 
 @dataclass(frozen=True)

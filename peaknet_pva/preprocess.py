@@ -47,7 +47,7 @@ from .errors import ConfigError, FrameError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["NORMS", "padded_shape", "preprocess"]
+__all__ = ["NORMS", "padded_shape", "preprocess", "signal_units"]
 
 NORMS = ("instance", "robust", "local")
 #: Robust norm: deviations below ``-CLIP`` scales (masked zeros under a pedestal, dead rows) are cut.
@@ -180,6 +180,16 @@ def preprocess(
         var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
         x.sub_(mean).mul_(torch.rsqrt(var + eps))
     return out, (h, w)
+
+
+def signal_units(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Normalised input -> signal above the (local) background in noise units: ``sinh`` undoes
+    the robust and local norms' ``asinh``; the instance norm is already linear. A new tensor."""
+    import torch
+
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}")
+    return torch.sinh(x) if norm in ("robust", "local") else x.clone()
 
 
 def _normalise_finite_(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> None:

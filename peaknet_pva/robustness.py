@@ -694,7 +694,7 @@ def run_matrix(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Generate every cell of ``spec`` (default :func:`default_spec`) on ``spec.seed`` and score
-    each finder: ``peaknet`` (mask centroid), ``peaknet:intensity``, ``peakfinder8`` (tuned per
+    each finder: ``peaknet`` (its default centroid), ``peaknet:mask`` etc., ``peakfinder8`` (tuned per
     background level on ``spec.resolved_tune_seed()``, radius map from the generator's beam centre,
     no bad-pixel mask). Returns the JSON-ready result; with ``out_dir`` also writes
     ``matrix.json``, ``matrix.md`` and ``matrix.png`` there (:func:`write_outputs`). ``threads``:
@@ -719,8 +719,8 @@ def _run_matrix(spec: MatrixSpec | None, finders: Sequence[str], weights: str, d
     spec = spec or default_spec()
     finders = [f.strip() for f in finders if f.strip()]
     for f in finders:
-        if f not in ("peakfinder8", "peaknet", "peaknet:intensity"):
-            raise ValueError(f"unknown finder {f!r} (peaknet, peaknet:intensity, peakfinder8)")
+        if f not in ("peakfinder8", "peaknet", "peaknet:mask", "peaknet:intensity", "peaknet:signal"):
+            raise ValueError(f"unknown finder {f!r} (peaknet, peaknet:mask|intensity|signal, peakfinder8)")
     t_start = time.perf_counter()
     tune_seed = spec.resolved_tune_seed()
     levels = sorted({c.background for c in spec.cells} | {c.background for c in spec.noise_only})
@@ -766,7 +766,7 @@ def _run_matrix(spec: MatrixSpec | None, finders: Sequence[str], weights: str, d
         if f.startswith("peaknet"):
             from .finder import PeakFinder
 
-            centroid = f.split(":", 1)[1] if ":" in f else "mask"
+            centroid = f.split(":", 1)[1] if ":" in f else "auto"
             try:
                 nets[f] = PeakFinder(weights=weights, device=device, batch_size=batch_size, centroid=centroid)
             except Exception as exc:  # report, keep the other finders
@@ -818,7 +818,8 @@ def _run_matrix(spec: MatrixSpec | None, finders: Sequence[str], weights: str, d
 
 
 # ------------------------------------------------------------------------------------- outputs
-_FINDER_LABEL = {"peaknet": "PeakNet", "peaknet:intensity": "PeakNet (int.)", "peakfinder8": "pf8 (tuned)"}
+_FINDER_LABEL = {"peaknet": "PeakNet", "peaknet:mask": "PeakNet (mask)", "peaknet:intensity": "PeakNet (int.)",
+                 "peaknet:signal": "PeakNet (signal)", "peakfinder8": "pf8 (tuned)"}
 
 
 def _fmt(v: Any, nd: int = 3) -> str:

@@ -224,6 +224,36 @@ def test_intensity_hand_example() -> None:
     np.testing.assert_array_equal(t.intensity, [4.0, 1.0])
 
 
+def test_signal_hand_example() -> None:
+    """``signal`` weighs by ``weights`` (negatives count 0) while ``intensity`` stays the raw sum."""
+    m = np.zeros((1, 4, 5), np.uint8)
+    m[0, 1, 1:4] = 1
+    m[0, 2, 3] = 1
+    m[0, 3, 0] = 1  # weights all <= 0: mask centroid
+    img = np.full((1, 4, 5), 1000, np.int32)  # a pedestal: raw intensity would be ~ the mask centroid
+    wt = np.zeros((1, 4, 5), np.float32)
+    wt[0, 1, 1:4] = [0.0, 1.0, -2.0]
+    wt[0, 2, 3] = 3.0
+    wt[0, 3, 0] = -1.0
+    (t,) = find_peaks(m, img, n_panels=1, centroid="signal", weights=wt)
+    assert t.centroid == "signal"
+    np.testing.assert_allclose(t.intensity, [4000.0, 1000.0])
+    # y = (1*1 + 2*3) / 4, x = (2*1 + 3*3) / 4
+    assert t.y[0] == pytest.approx(1.75) and t.x[0] == pytest.approx(2.75)
+    assert (t.y[1], t.x[1]) == (3.0, 0.0)
+    import torch
+
+    got = find_peaks(torch.from_numpy(m), torch.from_numpy(img), n_panels=1, centroid="signal",
+                     weights=torch.from_numpy(wt))
+    assert got[0].y[0] == t.y[0] and got[0].x[0] == t.x[0]
+    with pytest.raises(ConfigError, match="needs weights"):
+        find_peaks(m, img, n_panels=1, centroid="signal")
+    with pytest.raises(ConfigError, match="needs weights"):
+        find_peaks(m, img, n_panels=1, centroid="intensity", weights=wt)
+    with pytest.raises(FrameError, match="do not match"):
+        find_peaks(m, img, n_panels=1, centroid="signal", weights=wt[:, :3])
+
+
 def test_torch_cpu_tensors() -> None:
     torch = pytest.importorskip("torch")
     masks, images = blob_masks(8, (32, 64), 10, seed=3)

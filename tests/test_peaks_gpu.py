@@ -50,14 +50,18 @@ def padded_blobs(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("centroid", ["mask", "intensity"])
+@pytest.mark.parametrize("centroid", ["mask", "intensity", "signal"])
 def test_cupy_equals_scipy_on_random_blobs(seed: int, centroid: str) -> None:
     masks, images = padded_blobs(seed)
-    ref = find_peaks(masks, images, n_panels=4, centroid=centroid, max_peaks=100, backend="scipy")
-    got = find_peaks(cp.asarray(masks), cp.asarray(images), n_panels=4, centroid=centroid, max_peaks=100)
+    wt = None
+    if centroid == "signal":  # e.g. squared signal above the median, negatives clipped by find_peaks
+        wt = (images.astype(np.float32) - np.median(images)) * np.abs(images - np.median(images))
+    ref = find_peaks(masks, images, n_panels=4, centroid=centroid, max_peaks=100, backend="scipy", weights=wt)
+    got = find_peaks(cp.asarray(masks), cp.asarray(images), n_panels=4, centroid=centroid, max_peaks=100,
+                     weights=None if wt is None else cp.asarray(wt))
     assert_same(got, ref)
     # host inputs with backend="cupy" are copied over and give the same answer
-    assert_same(find_peaks(masks, images, n_panels=4, centroid=centroid, max_peaks=100, backend="cupy"), ref)
+    assert_same(find_peaks(masks, images, n_panels=4, centroid=centroid, max_peaks=100, backend="cupy", weights=wt), ref)
 
 
 def test_cupy_equals_seed_cupy_loop() -> None:

@@ -47,7 +47,7 @@ from .codec import (
 FORWARD_IMAGES = ("all", "hits", "hits_empty", "none")
 OUTPUT_IMAGES = ("slab", "assembled")
 MASK_CONVENTIONS = ("om", "nonzero_bad", "crystfel")  # geometry.MASK_CONVENTIONS
-CENTROIDS = ("mask", "intensity")
+CENTROIDS = ("auto", "mask", "intensity", "signal")
 BACKENDS = ("peaknet", "peakfinder8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -82,7 +82,7 @@ class PeakNetProcessorParams:
     dtype: str = "auto"
     compile: bool = False
     panel_shape: tuple[int, int] | None = None
-    centroid: str = "mask"
+    centroid: str = "auto"
     min_peaks: int = 10
     max_peaks: int = 2048
     forward_images: str = "hits"
