@@ -67,7 +67,7 @@ class FinderConfig:
     #: "instance" / "robust" (only meaningful for weights trained that way).
     norm: str = "auto"
     #: isolated-pixel (hot pixel) veto of the PeakNet backend, see ``pipeline.isolated_pixels``:
-    #: None = auto (0.05 with the robust norm, off with the instance norm), 0 = off, or a ratio.
+    #: None = auto (0.05 with the robust or local norm, off with the instance norm), 0 = off, or a ratio.
     isolated_ratio: float | None = None
     #: peakfinder8 backend only: a detector preset name (tuned parameters and its radius map, see
     #: ``peakfinder8.TUNED_PARAMS``) or a dict of ``Peakfinder8Params`` fields; None = defaults.

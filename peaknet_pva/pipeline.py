@@ -99,12 +99,12 @@ class PeakNetBackend:
     bad_pixels: torch.Tensor | None = None
     #: isolated-pixel veto (``isolated_pixels``): a pixel whose 8 neighbours all hold less than
     #: this fraction of its excess is a hot pixel, not a Bragg peak. None = auto: 0.05 with the
-    #: robust norm (our weights), off with the instance norm (published checkpoints, unchanged).
+    #: robust or local norm (our weights), off with the instance norm (published checkpoints, unchanged).
     isolated_ratio: float | None = None
 
     @property
     def veto_ratio(self) -> float:
-        """The isolated-pixel ratio in use (0 = off; only the robust norm gives noise units)."""
+        """The isolated-pixel ratio in use (0 = off; only the robust and local norms give noise units)."""
         if self.input_norm not in ("robust", "local"):
             return 0.0
         return ISOLATED_RATIO if self.isolated_ratio is None else float(self.isolated_ratio)
