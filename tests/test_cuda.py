@@ -79,3 +79,18 @@ def test_cuda_pipeline_buffered_equals_sequential_peaknet(batch_size):
     assert len(outs[0]) == len(outs[1]) == len(frames)
     for a, b in zip(*outs):
         assert a.n == b.n and np.array_equal(a.y, b.y) and np.array_equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("norm", ["instance", "robust", "local"])
+def test_preprocess_cuda_equals_cpu(norm):
+    """The normalisations (medians, block statistics, interpolation) give the CPU's values on the GPU."""
+    from peaknet_pva.preprocess import preprocess
+
+    rng = np.random.default_rng(3)
+    frames = (rng.poisson(30.0, (2, 3, 100, 150)) * 7 + 100).astype(np.uint16)
+    frames[0, 1, 10:40, 20:60] = 0  # a dead region under the pedestal
+    mask = np.zeros((3, 100, 150), bool)
+    mask[2, :, :30] = True
+    ref, _ = preprocess(torch.from_numpy(frames), norm=norm, mask=torch.from_numpy(mask))
+    got, _ = preprocess(torch.from_numpy(frames).cuda(), norm=norm, mask=torch.from_numpy(mask).cuda())
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-4)
