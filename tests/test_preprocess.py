@@ -287,3 +287,20 @@ def test_local_norm_declared_mask_is_excluded_and_zeroed() -> None:
     assert (a[mask] == 0).all()
     v = np.sinh(a[~mask])
     assert abs(np.median(v)) < 0.15 and 0.85 < v.std() < 1.2
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 1, 5000), (2, 2, 17, 33), (1, 1, 40, 3)])
+def test_local_norm_odd_shapes_and_hostile_values(shape: tuple[int, ...]) -> None:
+    """Panels smaller than a block, single rows, NaN/inf, an all-masked panel: finite output, masked
+    and non-finite pixels 0, never an exception."""
+    rng = np.random.default_rng(sum(shape))
+    frames = rng.poisson(20.0, shape).astype(np.float32)
+    flat = frames.reshape(-1)
+    flat[rng.integers(0, flat.size, max(1, flat.size // 7))] = np.nan
+    flat[rng.integers(0, flat.size, max(1, flat.size // 11))] = np.inf
+    mask = np.zeros(shape, bool)
+    mask[0, 0] = True  # the first panel entirely masked
+    x, (h, w) = preprocess(torch.from_numpy(frames), norm="local", mask=torch.from_numpy(mask))
+    a = x.numpy().reshape(shape[0], shape[1], x.shape[-2], x.shape[-1])[:, :, :h, :w]
+    assert np.isfinite(a).all()
+    assert (a[~np.isfinite(frames) | mask] == 0).all()
