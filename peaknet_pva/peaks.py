@@ -71,6 +71,7 @@ def find_peaks(
     max_peaks: int = 2048,
     backend: str = "auto",
     weights: Any = None,
+    split: bool = False,
 ) -> list[PeakTable]:
     """Turn a batch of peak masks into one PeakTable per frame.
 
@@ -94,6 +95,13 @@ def find_peaks(
             device and CuPy imports, else scipy; a CUDA tensor without CuPy is copied to the host).
         weights: ``(B*P, H, W)`` non-negative centroid weights (``centroid="signal"`` only), the
             same kind of array and shape as ``images``.
+        split: a component holding two or more separate maxima of the (3x3-smoothed) ``weights``,
+            each the largest within 2 px, at least ``SPLIT_MIN_WEIGHT`` and standing out from all
+            pixels 2 px away (``SPLIT_RING_RATIO``: a streak is not cut up), becomes one peak per
+            maximum: weighted centroid, raw intensity sum and pixel count over the component's
+            pixels within 2 px of it. Touching spots of a dense lattice, which a segmentation
+            merges, come out as separate peaks; a component with one maximum (or none that
+            strong: faint spots) is reported whole, as without ``split``. Needs ``weights``.
 
     Returns:
         ``B`` PeakTables; peaks ordered by panel, then by the raster order of each component's first
@@ -114,8 +122,12 @@ def find_peaks(
     if isinstance(n_panels, bool) or not isinstance(n_panels, (int, np.integer)) or n_panels < 1:
         raise ConfigError(f"n_panels must be an int >= 1, got {n_panels!r}")
 
-    if (centroid == "signal") != (weights is not None):
-        raise ConfigError("centroid='signal' needs weights, and weights are only used by it")
+    if centroid == "signal" and weights is None:
+        raise ConfigError("centroid='signal' needs weights")
+    if split and weights is None:
+        raise ConfigError("split needs weights")
+    if weights is not None and not (centroid == "signal" or split):
+        raise ConfigError("weights are only used by centroid='signal' or split")
     if weights is not None and images is None:
         raise ConfigError("weights need images (the intensity column still comes from them)")
 
@@ -123,13 +135,13 @@ def find_peaks(
     args = (int(n_panels), valid_shape, centroid, int(max_peaks))
     if not use_cupy:
         conv = lambda a: None if a is None else _to_numpy(a)  # noqa: E731
-        return _run(np, _to_numpy(masks), conv(images), *args, weights=conv(weights))
+        return _run(np, _to_numpy(masks), conv(images), *args, weights=conv(weights), split=bool(split))
     cp = _import_cupy()
     with _device_scope(cp, masks):
         m = _to_cupy(cp, masks, is_mask=True)
         im = None if images is None else _to_cupy(cp, images, is_mask=False)
         wt = None if weights is None else _to_cupy(cp, weights, is_mask=False)
-        return _run(cp, m, im, *args, weights=wt)
+        return _run(cp, m, im, *args, weights=wt, split=bool(split))
 
 
 def _run(
@@ -141,6 +153,7 @@ def _run(
     centroid: str,
     max_peaks: int,
     weights: Any = None,
+    split: bool = False,
 ) -> list[PeakTable]:
     """Check shapes, reduce the components on ``xp``'s side, split into per-frame tables."""
     masks = _check_masks(masks)
@@ -157,7 +170,7 @@ def _run(
     eff_centroid = centroid if images is not None else "mask"
     if n == 0:
         return []
-    comps = _components(xp, masks, images, vshape, eff_centroid, skip_empty=xp is np, weights=weights)
+    comps = _components(xp, masks, images, vshape, eff_centroid, skip_empty=xp is np, weights=weights, split=split)
     return _split_frames(comps, n // n_panels, n_panels, max_peaks, eff_centroid)
 
 
@@ -174,6 +187,7 @@ def _components(
     *,
     skip_empty: bool,
     weights: Any = None,
+    split: bool = False,
 ) -> _Components:
     """Label the ``(N, H', W')`` stack once and reduce every component by scatter-add.
 
@@ -252,6 +266,13 @@ def _components(
 
     # One host copy of a small (6, n_labels) table (no copy for numpy).
     table = xp.stack([label_panel.astype(f64), cy, cx, intensity, npix, keep.astype(f64)])
+    if split:
+        split_rows, n_mk = _maxima_rows(xp, fg, labels, n_labels, weights, images, panel_ids, valid_shape)
+        table = table[:, n_mk < 2]  # the split components are replaced by their maxima's rows
+        order = xp.concatenate([xp.flatnonzero(n_mk < 2).astype(f64), split_rows[6]])
+        sub = xp.concatenate([xp.full(table.shape[1], -1.0), split_rows[7]])
+        table = xp.concatenate([table, split_rows[:6]], axis=1)
+        table = table[:, xp.lexsort(xp.stack([sub, order]))]  # label order, maxima in raster order
     if xp is not np:
         table = xp.asnumpy(table)
     sel = table[5] > 0
@@ -262,6 +283,85 @@ def _components(
         intensity=table[3, sel],
         npix=table[4, sel].astype(np.int64),
     )
+
+
+#: ``split``: least 3x3-mean weight of a maximum (squared noise units with the PeakNet backend's
+#: weights: about 3 noise units over the 3x3 core, so faint spots are never split).
+SPLIT_MIN_WEIGHT = 9.0
+#: ``split``: a maximum must also stand out from everything 2 px away (the border of its 5x5
+#: window): the largest weight there is below this share of its own. A spot falls off in every
+#: direction; a streak's ridge or the flank of a wide spot does not, so neither is cut up.
+SPLIT_RING_RATIO = 0.9
+_SPLIT_MAX_R = 2  # a maximum is the largest within this many pixels (Chebyshev) ...
+_SPLIT_RING_R = 2  # ... and SPLIT_RING_RATIO above everything at this distance
+_SPLIT_R = 2  # its peak gathers the component's pixels this far from it
+
+
+def _ndimage(xp: Any) -> Any:
+    if xp is np:
+        return ndimage
+    from cupyx.scipy import ndimage as cundimage
+
+    return cundimage
+
+
+def _maxima_rows(
+    xp: Any, fg: Any, labels: Any, n_labels: int, weights: Any, images: Any, panel_ids: Any,
+    valid_shape: tuple[int, int],
+) -> tuple[Any, Any]:
+    """Rows ``(8, M)`` [panel, y, x, intensity, npix, keep, label, flat index] of the maxima of
+    components with two or more, and each component's count of maxima ``(n_labels,)``."""
+    ndi = _ndimage(xp)
+    f64 = xp.float64
+    n, hp, wp = (int(v) for v in fg.shape)
+    ih, iw = int(weights.shape[1]), int(weights.shape[2])
+    vh, vw = valid_shape
+    w = weights if panel_ids is None else weights[panel_ids]
+    im = images if panel_ids is None else images[panel_ids]
+    wpad = xp.zeros((n, hp, wp), f64)
+    wpad[:, :ih, :iw] = xp.maximum(w.astype(f64), 0.0)
+    wpad = xp.where(fg, wpad, 0.0)
+    smooth = ndi.uniform_filter(wpad, size=(1, 3, 3), mode="constant")
+    # Ties (flat saturated tops) go to the first pixel in raster order: a tiny positional tilt.
+    tilt = 1.0 - 1e-9 * xp.arange(n * hp * wp, dtype=f64).reshape(n, hp, wp) / (n * hp * wp)
+    key = xp.where(fg, smooth * tilt, -1.0)
+    size = 2 * _SPLIT_MAX_R + 1
+    top = ndi.maximum_filter(key, size=(1, size, size), mode="constant", cval=-1.0)
+    yy_all = xp.arange(hp).reshape(1, hp, 1)
+    xx_all = xp.arange(wp).reshape(1, 1, wp)
+    ring = np.ones((1, 2 * _SPLIT_RING_R + 1, 2 * _SPLIT_RING_R + 1), bool)
+    ring[:, 1:-1, 1:-1] = False
+    ring_top = ndi.maximum_filter(key, footprint=ring if xp is np else xp.asarray(ring), mode="constant", cval=-1.0)
+    is_max = fg & (key == top) & (smooth >= SPLIT_MIN_WEIGHT) & (yy_all < vh) & (xx_all < vw)
+    is_max &= ring_top < SPLIT_RING_RATIO * smooth
+    mflat = xp.flatnonzero(is_max)
+    mlab = labels.reshape(-1)[mflat].astype(xp.int64) - 1
+    n_mk = xp.bincount(mlab, minlength=n_labels) if mlab.size else xp.zeros(n_labels, xp.int64)
+    take = n_mk[mlab] >= 2
+    mflat, mlab = mflat[take], mlab[take]
+    hw = hp * wp
+    k = mflat // hw
+    my = (mflat - k * hw) // wp
+    mx = mflat - k * hw - my * wp
+    off = xp.arange(-_SPLIT_R, _SPLIT_R + 1)
+    yy = my[:, None, None] + off[None, :, None]
+    xx = mx[:, None, None] + off[None, None, :]
+    inside = (yy >= 0) & (yy < vh) & (xx >= 0) & (xx < vw)
+    yc, xc = xp.clip(yy, 0, hp - 1), xp.clip(xx, 0, wp - 1)
+    kk = xp.broadcast_to(k[:, None, None], yy.shape)
+    same = inside & (labels[kk, yc, xc] == (mlab + 1)[:, None, None])
+    wv = xp.where(same, wpad[kk, yc, xc], 0.0)
+    iv = xp.where(same, im[kk, xp.minimum(yc, ih - 1), xp.minimum(xc, iw - 1)].astype(f64), 0.0)
+    sw = wv.sum(axis=(1, 2))
+    ok = sw > 0
+    cy = xp.where(ok, (wv * yy).sum(axis=(1, 2)) / xp.where(ok, sw, 1.0), my.astype(f64))
+    cx = xp.where(ok, (wv * xx).sum(axis=(1, 2)) / xp.where(ok, sw, 1.0), mx.astype(f64))
+    panel = k if panel_ids is None else panel_ids[k]
+    rows = xp.stack([
+        panel.astype(f64), cy, cx, iv.sum(axis=(1, 2)), same.sum(axis=(1, 2)).astype(f64),
+        xp.ones(mflat.shape, f64), mlab.astype(f64), mflat.astype(f64),
+    ])
+    return rows, n_mk
 
 
 def _label(xp: Any, fg: Any) -> tuple[Any, int]:

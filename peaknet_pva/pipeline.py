@@ -101,6 +101,17 @@ class PeakNetBackend:
     #: this fraction of its excess is a hot pixel, not a Bragg peak. None = auto: 0.05 with the
     #: robust or local norm (our weights), off with the instance norm (published checkpoints, unchanged).
     isolated_ratio: float | None = None
+    #: split components holding separate signal maxima (``find_peaks(split=True)``): touching
+    #: spots of a dense lattice, merged by the segmentation, become one peak each. None = auto:
+    #: on with the robust or local norm (our weights), off with the instance norm (published).
+    split: bool | None = None
+
+    @property
+    def split_mode(self) -> bool:
+        """Whether merged components are split at their maxima (``split`` with None resolved)."""
+        if self.split is None:
+            return self.input_norm in ("robust", "local")
+        return bool(self.split)
 
     @property
     def veto_ratio(self) -> float:
@@ -147,7 +158,7 @@ class PeakNetBackend:
             logits = self.model(x)
         mask = (logits[:, 1] > logits[:, 0]).to(torch.uint8)
         weights = None
-        if self.centroid_mode == "signal":
+        if self.centroid_mode == "signal" or self.split_mode:
             # Noise units above the local background, squared: the spot's core steers the centroid,
             # not its noisy wings, the pedestal or the background under it.
             weights = signal_units(x[:, 0, :h, :w], self.input_norm).clamp_(min=0.0).square_()
@@ -174,6 +185,7 @@ class PeakNetBackend:
             centroid=self.centroid_mode,
             max_peaks=self.max_peaks,
             weights=weights,
+            split=self.split_mode,
         )
 
 @dataclass(frozen=True)

@@ -248,8 +248,10 @@ def test_signal_hand_example() -> None:
     assert got[0].y[0] == t.y[0] and got[0].x[0] == t.x[0]
     with pytest.raises(ConfigError, match="needs weights"):
         find_peaks(m, img, n_panels=1, centroid="signal")
-    with pytest.raises(ConfigError, match="needs weights"):
+    with pytest.raises(ConfigError, match="only used by"):
         find_peaks(m, img, n_panels=1, centroid="intensity", weights=wt)
+    with pytest.raises(ConfigError, match="split needs weights"):
+        find_peaks(m, img, n_panels=1, centroid="mask", split=True)
     with pytest.raises(FrameError, match="do not match"):
         find_peaks(m, img, n_panels=1, centroid="signal", weights=wt[:, :3])
 
@@ -317,3 +319,49 @@ def test_cupy_backend_without_cupy_is_a_config_error() -> None:
         find_peaks(np.zeros((1, 32, 32), np.uint8), n_panels=1, backend="cupy")
     # auto on host data never needs CuPy
     assert find_peaks(np.ones((1, 32, 32), np.uint8), n_panels=1, backend="auto")[0].n == 1
+
+
+def _gauss(h: int, w: int, spots: list[tuple[float, float, float, float, float]]) -> np.ndarray:
+    """Sum of Gaussians (y, x, amplitude, sigma_y, sigma_x) on an (h, w) grid."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros((h, w))
+    for y, x, a, sy, sx in spots:
+        out += a * np.exp(-0.5 * (((yy - y) / sy) ** 2 + ((xx - x) / sx) ** 2))
+    return out
+
+
+def test_split_separates_touching_spots_and_keeps_streaks_faint_spots_and_order_whole() -> None:
+    """One merged component of two bright spots 6 px apart -> two peaks at the spots; a long
+    streak, a faint double bump and a lone spot stay one peak each; peaks keep label order."""
+    h, w = 40, 120
+    z = _gauss(h, w, [(10.0, 10.0, 8.0, 1.2, 1.2),  # lone spot, first in raster order
+                      (20.3, 40.2, 60.0, 0.9, 0.9), (21.0, 46.4, 25.0, 0.9, 0.9),  # touching pair
+                      (20.0, 80.0, 40.0, 1.0, 8.0),  # a streak along x
+                      (30.0, 100.0, 2.5, 0.9, 0.9), (30.0, 105.0, 2.5, 0.9, 0.9)])  # faint pair
+    mask = (z > 1.0).astype(np.uint8)
+    mask[19:23, 40:47] = 1  # the pair is one component (as a bloated segmentation gives it)
+    mask[29:32, 100:106] = 1
+    img = (z + 100.0).astype(np.float32)[None]  # raw values carry a pedestal
+    wt = (z * z).astype(np.float32)[None]
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    assert n == 4
+    (whole,) = find_peaks(mask[None], img, n_panels=1, centroid="signal", weights=wt)
+    assert whole.n == 4
+    (t,) = find_peaks(mask[None], img, n_panels=1, centroid="signal", weights=wt, split=True)
+    assert t.n == 5
+    got = sorted(zip(np.round(t.y, 1), np.round(t.x, 1)))
+    assert (10.0, 10.0) in got and (20.0, 80.0) in got
+    assert any(abs(y - 20.3) < 0.15 and abs(x - 40.2) < 0.15 for y, x in got)
+    assert any(abs(y - 21.0) < 0.15 and abs(x - 46.4) < 0.15 for y, x in got)
+    assert any(abs(y - 30.0) < 0.2 and abs(x - 102.5) < 0.3 for y, x in got)  # faint pair: whole
+    # Order: the lone spot, the pair's two maxima (raster order), the streak, the faint pair.
+    np.testing.assert_allclose(t.x[:3], [10.0, 40.2, 46.4], atol=0.15)
+    # The pair's rows: intensity is the raw sum over its pixels within 2 px, pixels counted.
+    y0, x0 = 20, 40
+    win = (lab == lab[y0, x0])[y0 - 2 : y0 + 3, x0 - 2 : x0 + 3]
+    assert t.npix[1] == int(win.sum())
+    assert t.intensity[1] == pytest.approx(float(img[0, y0 - 2 : y0 + 3, x0 - 2 : x0 + 3][win].sum()), rel=1e-6)
+    # split without weights is refused; a batch of empty panels is fine.
+    empty = find_peaks(np.zeros((2, 8, 8), np.uint8), np.zeros((2, 8, 8), np.float32), n_panels=1,
+                       centroid="signal", weights=np.zeros((2, 8, 8), np.float32), split=True)
+    assert [e.n for e in empty] == [0, 0]

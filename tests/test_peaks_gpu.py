@@ -109,3 +109,16 @@ def test_torch_side_stream_is_respected() -> None:
             out = out | thr
         got = find_peaks(out, img, n_panels=4)
     assert_same(got, ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cupy_split_equals_scipy(seed: int) -> None:
+    """``split=True`` (maxima, ring test, window sums) gives the host's peaks on the device."""
+    masks, images = padded_blobs(seed)
+    rng = np.random.default_rng(seed)
+    wt = (rng.random(images.shape) * 40.0).astype(np.float32)  # many maxima: lots of splitting
+    ref = find_peaks(masks, images, n_panels=4, centroid="signal", weights=wt, split=True, backend="scipy")
+    assert sum(t.n for t in ref) > sum(t.n for t in find_peaks(masks, images, n_panels=4, centroid="signal", weights=wt))
+    got = find_peaks(cp.asarray(masks), cp.asarray(images), n_panels=4, centroid="signal",
+                     weights=cp.asarray(wt), split=True)
+    assert_same(got, ref)

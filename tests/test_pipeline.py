@@ -236,6 +236,10 @@ def test_signal_centroid_is_the_default_with_our_norms_and_beats_mask_and_raw_in
     assert PeakNetBackend(Threshold(), norm="local").centroid_mode == "signal"
     assert PeakNetBackend(Threshold(), norm="instance").centroid_mode == "mask"
     assert PeakNetBackend(Threshold(), norm="robust", centroid="mask").centroid_mode == "mask"
+    # Splitting merged components at their maxima follows the same rule (published: seed-exact).
+    assert PeakNetBackend(Threshold(), norm="local").split_mode is True
+    assert PeakNetBackend(Threshold(), norm="instance").split_mode is False
+    assert PeakNetBackend(Threshold(), norm="local", split=False).split_mode is False
 
     rng = np.random.default_rng(11)
     n = 40
