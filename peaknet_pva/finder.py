@@ -69,6 +69,9 @@ class FinderConfig:
     #: isolated-pixel (hot pixel) veto of the PeakNet backend, see ``pipeline.isolated_pixels``:
     #: None = auto (0.05 with the robust or local norm, off with the instance norm), 0 = off, or a ratio.
     isolated_ratio: float | None = None
+    #: PeakNet backend: split components holding separate signal maxima (touching spots), see
+    #: ``peaks.find_peaks(split=...)``. None = auto (on with the robust or local norm, off with instance).
+    split: bool | None = None
     #: peakfinder8 backend only: a detector preset name (tuned parameters and its radius map, see
     #: ``peakfinder8.TUNED_PARAMS``) or a dict of ``Peakfinder8Params`` fields; None = defaults.
     peakfinder8: str | dict[str, Any] | None = field(default=None, hash=False)
@@ -105,6 +108,8 @@ class FinderConfig:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.isolated_ratio is not None and not 0.0 <= float(self.isolated_ratio) < 1.0:
             raise ConfigError(f"isolated_ratio must be None (auto) or in [0, 1), got {self.isolated_ratio!r}")
+        if self.split is not None and not isinstance(self.split, bool):
+            raise ConfigError(f"split must be None (auto), true or false, got {self.split!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32; got {self.dtype!r}")
         from .geometry import MASK_CONVENTIONS, DetectorGeometry
@@ -261,6 +266,7 @@ class PeakFinder:
                 per_event_norm=cfg.per_event_norm,
                 norm=None if cfg.norm == "auto" else cfg.norm,
                 isolated_ratio=cfg.isolated_ratio,
+                split=cfg.split,
                 bad_pixels=(
                     torch.from_numpy(self.bad_pixels.copy()).to(self.device)
                     if self.bad_pixels is not None and self.bad_pixels.any() else None

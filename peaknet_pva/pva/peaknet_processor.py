@@ -96,6 +96,7 @@ class PeakNetProcessorParams:
     per_event_norm: bool = False
     norm: str = "auto"
     isolated_ratio: float | None = None
+    split: bool | None = None
     peakfinder8: str | dict[str, Any] | None = None
     geometry: str | None = None
     mask: str | None = None
@@ -136,6 +137,8 @@ class PeakNetProcessorParams:
         fix(self, "norm", _as_choice("norm", self.norm, ("auto", "instance", "robust", "local")))
         if self.isolated_ratio is not None:
             fix(self, "isolated_ratio", _as_float("isolated_ratio", self.isolated_ratio, 0.0, 0.999))
+        if self.split is not None:
+            fix(self, "split", _as_bool("split", self.split))
         if self.peakfinder8 is not None and not isinstance(self.peakfinder8, (str, dict)):
             raise ConfigError(f"peakfinder8 must be a detector preset name or a dict, got {self.peakfinder8!r}")
         for key in ("geometry", "mask", "mask_dataset"):
@@ -341,6 +344,7 @@ class PeakNetImageProcessor(AdImageProcessor):
             per_event_norm=p.per_event_norm,
             norm=p.norm,
             isolated_ratio=p.isolated_ratio,
+            split=p.split,
             peakfinder8=p.peakfinder8,
             geometry=p.geometry,
             mask=p.mask,
