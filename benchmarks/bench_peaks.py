@@ -9,6 +9,9 @@ Cases: ``a`` = 64 panels of 512x512 with ~100 blobs each (64 one-panel frames); 
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peaks.py --repeats 5
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peaks.py --centroid intensity
+
+Each row also times what our weights run by default (``centroid="signal"``, ``split=True``) on the
+same masks, as ``signal_split_over_batched``.
 """
 
 from __future__ import annotations
@@ -106,12 +109,21 @@ def run_case(key: str, centroid: str, repeats: int, warmup: int, seed: int) -> l
     def batched() -> list[PeakTable]:
         return find_peaks(masks, images, n_panels=p, centroid=centroid, backend="scipy")
 
+    # What our weights run by default: signal-weighted centroids and splitting at maxima.
+    weights = np.square(np.maximum(images.astype(np.float32) - np.median(images), 0.0))
+
+    def signal_split() -> list[PeakTable]:
+        return find_peaks(masks, images, n_panels=p, centroid="signal", weights=weights, split=True, backend="scipy")
+
     n_peaks = check_same(batched(), ref, ref_int)
     t_seed = median_time(seed_fn, repeats, warmup)
     t_new = median_time(batched, repeats, warmup)
+    t_split = median_time(signal_split, repeats, warmup)
     rows.append(dict(common, backend="scipy", baseline="seed scipy loop", n_peaks=n_peaks,
                      seed_median_s=round(t_seed, 5), batched_median_s=round(t_new, 5),
-                     speedup=round(t_seed / t_new, 1), repeats=repeats))
+                     speedup=round(t_seed / t_new, 1), repeats=repeats,
+                     signal_split_median_s=round(t_split, 5), signal_split_over_batched=round(t_split / t_new, 2),
+                     signal_split_n_peaks=sum(t.n for t in signal_split())))
 
     cp = _import_cupy()
     if cp is None:
@@ -124,7 +136,11 @@ def run_case(key: str, centroid: str, repeats: int, warmup: int, seed: int) -> l
 
     check_same(batched_cupy(), ref, ref_int)
     t_gpu = median_time(batched_cupy, repeats, warmup, sync)
-    row = dict(common, backend="cupy", n_peaks=n_peaks, batched_median_s=round(t_gpu, 6), repeats=repeats)
+    w_d = cp.asarray(weights)
+    t_gpu_split = median_time(lambda: find_peaks(m_d, im_d, n_panels=p, centroid="signal", weights=w_d, split=True,
+                                                 backend="cupy"), repeats, warmup, sync)
+    row = dict(common, backend="cupy", n_peaks=n_peaks, batched_median_s=round(t_gpu, 6), repeats=repeats,
+               signal_split_median_s=round(t_gpu_split, 6), signal_split_over_batched=round(t_gpu_split / t_gpu, 2))
     if centroid == "mask":  # the seed's CuPy loop only had the mask centroid
         check_same([PeakTable(*_cols(r)) for r in seed_find_peaks_cupy(m_d, p)], ref, None)
         t_seed_gpu = median_time(lambda: seed_find_peaks_cupy(m_d, p), max(1, repeats // 2), 1, sync)

@@ -267,7 +267,7 @@ def _components(
     # One host copy of a small (6, n_labels) table (no copy for numpy).
     table = xp.stack([label_panel.astype(f64), cy, cx, intensity, npix, keep.astype(f64)])
     if split:
-        split_rows, n_mk = _maxima_rows(xp, fg, labels, n_labels, weights, images, panel_ids, valid_shape)
+        split_rows, n_mk = _maxima_rows(xp, fg, labels, n_labels, weights, images, panel_ids, valid_shape, flat)
         table = table[:, n_mk < 2]  # the split components are replaced by their maxima's rows
         order = xp.concatenate([xp.flatnonzero(n_mk < 2).astype(f64), split_rows[6]])
         sub = xp.concatenate([xp.full(table.shape[1], -1.0), split_rows[7]])
@@ -297,65 +297,85 @@ _SPLIT_RING_R = 2  # ... and SPLIT_RING_RATIO above everything at this distance
 _SPLIT_R = 2  # its peak gathers the component's pixels this far from it
 
 
-def _ndimage(xp: Any) -> Any:
-    if xp is np:
-        return ndimage
-    from cupyx.scipy import ndimage as cundimage
-
-    return cundimage
-
-
 def _maxima_rows(
     xp: Any, fg: Any, labels: Any, n_labels: int, weights: Any, images: Any, panel_ids: Any,
-    valid_shape: tuple[int, int],
+    valid_shape: tuple[int, int], fg_flat: Any,
 ) -> tuple[Any, Any]:
     """Rows ``(8, M)`` [panel, y, x, intensity, npix, keep, label, flat index] of the maxima of
-    components with two or more, and each component's count of maxima ``(n_labels,)``."""
-    ndi = _ndimage(xp)
-    f64 = xp.float64
+    components with two or more, and each component's count of maxima ``(n_labels,)``.
+
+    Works on the foreground pixels only (``fg_flat``, a few % of the stack), by gathers: a
+    full-stack filter would cost more than the labelling itself.
+    """
+    f32, f64 = xp.float32, xp.float64
     n, hp, wp = (int(v) for v in fg.shape)
+    hw = hp * wp
     ih, iw = int(weights.shape[1]), int(weights.shape[2])
     vh, vw = valid_shape
     w = weights if panel_ids is None else weights[panel_ids]
     im = images if panel_ids is None else images[panel_ids]
-    wpad = xp.zeros((n, hp, wp), f64)
-    wpad[:, :ih, :iw] = xp.maximum(w.astype(f64), 0.0)
-    wpad = xp.where(fg, wpad, 0.0)
-    smooth = ndi.uniform_filter(wpad, size=(1, 3, 3), mode="constant")
-    # Ties (flat saturated tops) go to the first pixel in raster order: a tiny positional tilt.
-    tilt = 1.0 - 1e-9 * xp.arange(n * hp * wp, dtype=f64).reshape(n, hp, wp) / (n * hp * wp)
-    key = xp.where(fg, smooth * tilt, -1.0)
-    size = 2 * _SPLIT_MAX_R + 1
-    top = ndi.maximum_filter(key, size=(1, size, size), mode="constant", cval=-1.0)
-    yy_all = xp.arange(hp).reshape(1, hp, 1)
-    xx_all = xp.arange(wp).reshape(1, 1, wp)
-    ring = np.ones((1, 2 * _SPLIT_RING_R + 1, 2 * _SPLIT_RING_R + 1), bool)
-    ring[:, 1:-1, 1:-1] = False
-    ring_top = ndi.maximum_filter(key, footprint=ring if xp is np else xp.asarray(ring), mode="constant", cval=-1.0)
-    is_max = fg & (key == top) & (smooth >= SPLIT_MIN_WEIGHT) & (yy_all < vh) & (xx_all < vw)
-    is_max &= ring_top < SPLIT_RING_RATIO * smooth
-    mflat = xp.flatnonzero(is_max)
+
+    def window(flat: Any, r: int) -> tuple[Any, Any, Any, Any]:
+        """(k, y, x) of each pixel's (2r+1)^2 window, and which of them lie on the panel."""
+        k = flat // hw
+        y = (flat - k * hw) // wp
+        x = flat - k * hw - y * wp
+        off = xp.arange(-r, r + 1)
+        shape = (int(flat.shape[0]), 2 * r + 1, 2 * r + 1)
+        yy = xp.broadcast_to(y[:, None, None] + off[None, :, None], shape)
+        xx = xp.broadcast_to(x[:, None, None] + off[None, None, :], shape)
+        on = (yy >= 0) & (yy < hp) & (xx >= 0) & (xx < wp)
+        kk = xp.broadcast_to(k[:, None, None], shape)
+        return kk, xp.clip(yy, 0, hp - 1), xp.clip(xx, 0, wp - 1), on
+
+    def weight_at(kk: Any, yc: Any, xc: Any, on: Any) -> Any:
+        inside = on & (yc < ih) & (xc < iw) & fg[kk, yc, xc]
+        v = w[kk, xp.minimum(yc, ih - 1), xp.minimum(xc, iw - 1)].astype(f32)
+        return xp.where(inside, xp.maximum(v, f32(0.0)), f32(0.0)), inside
+
+    # 3x3 mean of the (non-negative, foreground-only) weights at each foreground pixel.
+    kk, yc, xc, on = window(fg_flat, 1)
+    smooth = weight_at(kk, yc, xc, on)[0].sum(axis=(1, 2)) / f32(9.0)
+    keymap = xp.full((n, hp, wp), -1.0, f32)
+    keymap.reshape(-1)[fg_flat] = smooth
+    # Candidates: the largest within _SPLIT_MAX_R, strong enough, in the valid region.
+    kk, yc, xc, on = window(fg_flat, _SPLIT_MAX_R)
+    around = xp.where(on, keymap[kk, yc, xc], f32(-1.0))
+    y0, x0 = yc[:, _SPLIT_MAX_R, _SPLIT_MAX_R], xc[:, _SPLIT_MAX_R, _SPLIT_MAX_R]
+    cand = (smooth >= around.reshape(around.shape[0], -1).max(axis=1)) & (smooth >= SPLIT_MIN_WEIGHT)
+    cand &= (y0 < vh) & (x0 < vw)
+    mflat, c = fg_flat[cand], smooth[cand]
+    # Each candidate must stand out from everything _SPLIT_RING_R away; ties (flat saturated tops:
+    # equal neighbours) go to the first pixel in raster order.
+    r = _SPLIT_RING_R
+    kk, yc, xc, on = window(mflat, r)
+    around = xp.where(on, keymap[kk, yc, xc], f32(-1.0))
+    border = np.ones((2 * r + 1, 2 * r + 1), bool)
+    border[1:-1, 1:-1] = False
+    off = np.arange(-r, r + 1)
+    before = (off[:, None] * (2 * r + 1) + off[None, :]) < 0  # earlier in raster order
+    if xp is not np:
+        border, before = xp.asarray(border), xp.asarray(before)
+    stands_out = around[:, border].max(axis=1) < SPLIT_RING_RATIO * c
+    tie_first = ~((around == c[:, None, None]) & before[None]).reshape(mflat.shape[0], -1).any(axis=1)
+    mflat = mflat[stands_out & tie_first]
     mlab = labels.reshape(-1)[mflat].astype(xp.int64) - 1
     n_mk = xp.bincount(mlab, minlength=n_labels) if mlab.size else xp.zeros(n_labels, xp.int64)
     take = n_mk[mlab] >= 2
     mflat, mlab = mflat[take], mlab[take]
-    hw = hp * wp
-    k = mflat // hw
-    my = (mflat - k * hw) // wp
-    mx = mflat - k * hw - my * wp
-    off = xp.arange(-_SPLIT_R, _SPLIT_R + 1)
-    yy = my[:, None, None] + off[None, :, None]
-    xx = mx[:, None, None] + off[None, None, :]
-    inside = (yy >= 0) & (yy < vh) & (xx >= 0) & (xx < vw)
-    yc, xc = xp.clip(yy, 0, hp - 1), xp.clip(xx, 0, wp - 1)
-    kk = xp.broadcast_to(k[:, None, None], yy.shape)
-    same = inside & (labels[kk, yc, xc] == (mlab + 1)[:, None, None])
-    wv = xp.where(same, wpad[kk, yc, xc], 0.0)
+    # One peak per maximum: its component's pixels within _SPLIT_R.
+    kk, yc, xc, on = window(mflat, _SPLIT_R)
+    k = kk[:, 0, 0]
+    off = xp.arange(-_SPLIT_R, _SPLIT_R + 1).astype(f64)
+    yy = xp.broadcast_to(yc[:, _SPLIT_R, _SPLIT_R].astype(f64)[:, None, None] + off[None, :, None], yc.shape)
+    xx = xp.broadcast_to(xc[:, _SPLIT_R, _SPLIT_R].astype(f64)[:, None, None] + off[None, None, :], xc.shape)
+    same = on & (yc < vh) & (xc < vw) & (labels[kk, yc, xc] == (mlab + 1)[:, None, None])
+    wv = xp.where(same, weight_at(kk, yc, xc, on)[0].astype(f64), 0.0)
     iv = xp.where(same, im[kk, xp.minimum(yc, ih - 1), xp.minimum(xc, iw - 1)].astype(f64), 0.0)
     sw = wv.sum(axis=(1, 2))
     ok = sw > 0
-    cy = xp.where(ok, (wv * yy).sum(axis=(1, 2)) / xp.where(ok, sw, 1.0), my.astype(f64))
-    cx = xp.where(ok, (wv * xx).sum(axis=(1, 2)) / xp.where(ok, sw, 1.0), mx.astype(f64))
+    cy = xp.where(ok, (wv * yy).sum(axis=(1, 2)) / xp.where(ok, sw, 1.0), yy[:, _SPLIT_R, _SPLIT_R])
+    cx = xp.where(ok, (wv * xx).sum(axis=(1, 2)) / xp.where(ok, sw, 1.0), xx[:, _SPLIT_R, _SPLIT_R])
     panel = k if panel_ids is None else panel_ids[k]
     rows = xp.stack([
         panel.astype(f64), cy, cx, iv.sum(axis=(1, 2)), same.sum(axis=(1, 2)).astype(f64),
