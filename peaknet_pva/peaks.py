@@ -342,7 +342,7 @@ def _maxima_rows(
     kk, yc, xc, on = window(fg_flat, _SPLIT_MAX_R)
     around = xp.where(on, keymap[kk, yc, xc], f32(-1.0))
     y0, x0 = yc[:, _SPLIT_MAX_R, _SPLIT_MAX_R], xc[:, _SPLIT_MAX_R, _SPLIT_MAX_R]
-    cand = (smooth >= around.reshape(around.shape[0], -1).max(axis=1)) & (smooth >= SPLIT_MIN_WEIGHT)
+    cand = (smooth >= around.max(axis=(1, 2))) & (smooth >= SPLIT_MIN_WEIGHT)
     cand &= (y0 < vh) & (x0 < vw)
     mflat, c = fg_flat[cand], smooth[cand]
     # Each candidate must stand out from everything _SPLIT_RING_R away; ties (flat saturated tops:
@@ -357,7 +357,7 @@ def _maxima_rows(
     if xp is not np:
         border, before = xp.asarray(border), xp.asarray(before)
     stands_out = around[:, border].max(axis=1) < SPLIT_RING_RATIO * c
-    tie_first = ~((around == c[:, None, None]) & before[None]).reshape(mflat.shape[0], -1).any(axis=1)
+    tie_first = ~((around == c[:, None, None]) & before[None]).any(axis=(1, 2))
     mflat = mflat[stands_out & tie_first]
     mlab = labels.reshape(-1)[mflat].astype(xp.int64) - 1
     n_mk = xp.bincount(mlab, minlength=n_labels) if mlab.size else xp.zeros(n_labels, xp.int64)

@@ -361,6 +361,9 @@ def test_split_separates_touching_spots_and_keeps_streaks_faint_spots_and_order_
     win = (lab == lab[y0, x0])[y0 - 2 : y0 + 3, x0 - 2 : x0 + 3]
     assert t.npix[1] == int(win.sum())
     assert t.intensity[1] == pytest.approx(float(img[0, y0 - 2 : y0 + 3, x0 - 2 : x0 + 3][win].sum()), rel=1e-6)
+    # Components but not one maximum strong enough anywhere: exactly the unsplit peaks.
+    (weak,) = find_peaks(mask[None], img, n_panels=1, centroid="signal", weights=wt * 1e-3, split=True)
+    assert weak.n == 4 and np.array_equal(weak.y, whole.y) and np.array_equal(weak.x, whole.x)
     # split without weights is refused; a batch of empty panels is fine.
     empty = find_peaks(np.zeros((2, 8, 8), np.uint8), np.zeros((2, 8, 8), np.float32), n_panels=1,
                        centroid="signal", weights=np.zeros((2, 8, 8), np.float32), split=True)
