@@ -261,15 +261,14 @@ def _normalise_robust_(x: torch.Tensor, bad: torch.Tensor | None, per_event: boo
 
 
 def _blocks(v: torch.Tensor, bs: int) -> torch.Tensor:
-    """``(n, H, W)`` NaN-marked -> ``(n * hb * wb, k)``: every ``LOCAL_STEP``-th row and column of
-    each ``bs``-square block (NaN-padded at the bottom-right)."""
+    """``(n, h, w)`` NaN-marked samples -> ``(n * hb * wb, bs * bs)``: square blocks of side ``bs``
+    (NaN-padded at the bottom-right)."""
     import torch.nn.functional as F
 
     n, h, w = v.shape
-    hb, wb, st = -(-h // bs), -(-w // bs), LOCAL_STEP
+    hb, wb = -(-h // bs), -(-w // bs)
     v = F.pad(v, (0, wb * bs - w, 0, hb * bs - h), value=float("nan"))
-    v = v.view(n, hb, bs, wb, bs)[:, :, ::st, :, ::st]
-    return v.permute(0, 1, 3, 2, 4).reshape(n * hb * wb, -1)
+    return v.view(n, hb, bs, wb, bs).permute(0, 1, 3, 2, 4).reshape(n * hb * wb, bs * bs)
 
 
 def _block_map(stat: torch.Tensor, n: int, bs: int, h: int, w: int) -> torch.Tensor:
@@ -281,13 +280,14 @@ def _block_map(stat: torch.Tensor, n: int, bs: int, h: int, w: int) -> torch.Ten
     return full[:, 0, :h, :w]
 
 
-def _block_stat(v: torch.Tensor, bs: int, panel: torch.Tensor, stat) -> torch.Tensor:
-    """``stat`` of each block of ``v`` (``(rows, k)`` NaN-marked -> ``(rows, 1)``), the panel's
-    value where a block has too few valid pixels or no answer."""
+def _block_stat(vs: torch.Tensor, bs: int, panel: torch.Tensor, stat) -> torch.Tensor:
+    """``stat`` of each ``bs``-block of the panels, from their samples ``vs`` (every ``LOCAL_STEP``-th
+    row and column, NaN-marked; ``(rows, k)`` -> ``(rows, 1)``); the panel's value where a block
+    has too few valid samples or no answer."""
     import torch
 
-    n, h, w = v.shape
-    blocks = _blocks(v, bs)
+    n = vs.shape[0]
+    blocks = _blocks(vs, bs // LOCAL_STEP)
     k = blocks.shape[1]
     fallback = panel.repeat_interleave(blocks.shape[0] // n, dim=0)
     few = (~blocks.isnan()).sum(dim=1, keepdim=True) < max(1, int(LOCAL_MIN_SHARE * k))
@@ -297,7 +297,8 @@ def _block_stat(v: torch.Tensor, bs: int, panel: torch.Tensor, stat) -> torch.Te
 
 def _normalise_local_(x: torch.Tensor, bad: torch.Tensor | None) -> None:
     """In place: ``asinh(clamp((x - c(y, x)) / s(y, x), min=-CLIP))`` with block-wise robust
-    ``c``, ``s`` (module docstring). No host sync, like the robust norm."""
+    ``c``, ``s`` (module docstring). No host sync, like the robust norm. Statistics come from the
+    every-``LOCAL_STEP``-th-row-and-column samples; only the result is computed at full size."""
     import torch
 
     b, p, h, w = x.shape
@@ -305,15 +306,17 @@ def _normalise_local_(x: torch.Tensor, bad: torch.Tensor | None) -> None:
     excl = ~torch.isfinite(x)
     if bad is not None:
         excl |= bad
-    v = x.masked_fill(excl, float("nan")).reshape(n, h, w)
+    x3, excl3 = x.reshape(n, h, w), excl.reshape(n, h, w)
     stride = max(1, -(-(h * w) // STAT_SAMPLES))
-    cg, sg = _robust_stats(v.reshape(n, -1)[:, ::stride])  # the panel's own (n, 1)
+    flat = x3.reshape(n, -1)[:, ::stride]
+    cg, sg = _robust_stats(flat.masked_fill(excl3.reshape(n, -1)[:, ::stride], float("nan")))  # the panel's (n, 1)
+    st = LOCAL_STEP
+    vs = x3[:, ::st, ::st].masked_fill(excl3[:, ::st, ::st], float("nan"))
     # Far *below* the panel (zeroed gaps and dead areas under a pedestal) is not background; far
     # above can be (the beam centre, a ring), so only the low side is left out of the statistics.
-    low = v < (cg - REFINE_K * sg).view(n, 1, 1)
-    cb, _ = _block_stat(v.masked_fill(low, float("nan")), LOCAL_BLOCK, cg,
-                        lambda t: torch.nanmedian(t, dim=1, keepdim=True).values)
-    r = v - _block_map(cb, n, LOCAL_BLOCK, h, w)
+    vs = vs.masked_fill(vs < (cg - REFINE_K * sg).view(n, 1, 1), float("nan"))
+    cb, _ = _block_stat(vs, LOCAL_BLOCK, cg, lambda t: torch.nanmedian(t, dim=1, keepdim=True).values)
+    c = _block_map(cb, n, LOCAL_BLOCK, h, w)
 
     def scale(t: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros_like(t[:, :1])
@@ -323,10 +326,10 @@ def _normalise_local_(x: torch.Tensor, bad: torch.Tensor | None) -> None:
         moved = ((t != 0) & ~t.isnan()).any(dim=1, keepdim=True)
         return torch.where(moved, s2, torch.full_like(s2, float("nan")))
 
-    sb, panel_s = _block_stat(r.masked_fill(low, float("nan")), SCALE_BLOCK, sg, scale)
+    sb, panel_s = _block_stat(vs - c[:, ::st, ::st], SCALE_BLOCK, sg, scale)
     s = _block_map(torch.minimum(sb, panel_s), n, SCALE_BLOCK, h, w)
-    x.copy_(r.div_(s).clamp_(min=-CLIP).asinh_().view(b, p, h, w))
-    x.masked_fill_(excl, 0.0)
+    x3.sub_(c).div_(s).clamp_(min=-CLIP).asinh_()
+    x3.masked_fill_(excl3, 0.0)
 
 
 def _check_multiple(multiple: int) -> int:
