@@ -27,14 +27,15 @@ def test_default_weights_are_shipped_and_small():
 
 @pytest.mark.parametrize("detector,n_frames", [("single", 6), ("epix10k2m", 1)])
 def test_default_weights_accuracy(detector: str, n_frames: int):
-    """Held-out frames (seed never used in training): F1 >= 0.9, centroids well under a pixel."""
+    """Held-out frames (seed never used in training), issue 8's targets: F1 >= 0.97, RMSE <= 0.3 px
+    (measured with the 2026-12-04 evening weights: single 0.995 / 0.13, epix10k2m 0.992 / 0.13)."""
     torch.set_num_threads(2)
     ds = simulate_dataset(n_frames, detector=detector, seed=424242, progress=False)
     finder = PeakFinder(weights="default", device="cpu", panel_shape=ds.panel_shape, batch_size=2)
     metrics = evaluate(finder.find(np.asarray(ds.frames)), ds.truths)
     assert metrics.n_truth > 50, "the test set must contain peaks to mean anything"
-    assert metrics.f1 >= 0.9, metrics.as_dict()
-    assert metrics.rmse_px <= 0.6, metrics.as_dict()
+    assert metrics.f1 >= 0.97, metrics.as_dict()
+    assert metrics.rmse_px <= 0.3, metrics.as_dict()
 
 
 def test_default_weights_find_nothing_on_blank_frames():
@@ -62,8 +63,8 @@ def default_finder():
     return PeakFinder(weights="default", device="cpu", batch_size=2)
 
 
-def test_default_weights_declare_the_robust_norm(default_finder):
-    assert default_finder.model.config.norm == "robust"
+def test_default_weights_declare_the_local_norm(default_finder):
+    assert default_finder.model.config.norm == "local"
 
 
 @pytest.mark.parametrize("background", [0.0, 10.0, 300.0])
@@ -89,7 +90,8 @@ def test_default_weights_on_a_mid_background_cell(default_finder):
     metrics = evaluate(default_finder.find(frames), truths)
     assert metrics.n_truth > 100
     # Measured 0.80 (precision 0.94) with the weights of 2026-12-02 (before them: 0.016), 0.863
-    # (precision 0.956) with those of 2026-12-04; the issue's target is 0.95: this guards against
+    # (precision 0.956) with the first of 2026-12-04, 0.933 (precision 0.996) with the local-norm
+    # weights, signal centroids and splitting; the issue's target is 0.95: this guards against
     # regression, it does not claim the target.
-    assert metrics.f1 >= 0.8, metrics.as_dict()
-    assert metrics.precision >= 0.9, metrics.as_dict()
+    assert metrics.f1 >= 0.9, metrics.as_dict()
+    assert metrics.precision >= 0.95, metrics.as_dict()
