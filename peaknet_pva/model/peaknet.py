@@ -96,8 +96,9 @@ class PeakNetConfig:
             ``seg_out_channels -> num_classes``) to the bilinear x4 of the logits.
         norm: input normalisation the weights were trained with (not an architecture change, but
             part of what the weights mean): ``"instance"`` (mean/std per panel, as published
-            PeakNet checkpoints were trained) or ``"robust"`` (median / MAD of nonzero deviations,
-            masked and non-finite pixels excluded, outliers clipped; see ``preprocess``).
+            PeakNet checkpoints were trained), ``"robust"`` (median / MAD of nonzero deviations,
+            masked and non-finite pixels excluded, outliers clipped) or ``"local"`` (the same per
+            block, interpolated: our default weights); see ``preprocess``.
     """
 
     backbone_dims: tuple[int, ...] = (96, 192, 384, 768)
