@@ -360,7 +360,7 @@ def _maxima_rows(
     tie_first = ~((around == c[:, None, None]) & before[None]).any(axis=(1, 2))
     mflat = mflat[stands_out & tie_first]
     mlab = labels.reshape(-1)[mflat].astype(xp.int64) - 1
-    n_mk = xp.bincount(mlab, minlength=n_labels) if mlab.size else xp.zeros(n_labels, xp.int64)
+    n_mk = _scatter_sum(xp, mlab, xp.ones(mlab.shape, f64), n_labels)  # maxima per component
     take = n_mk[mlab] >= 2
     mflat, mlab = mflat[take], mlab[take]
     # One peak per maximum: its component's pixels within _SPLIT_R.

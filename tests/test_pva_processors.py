@@ -47,7 +47,8 @@ def test_params_defaults_and_pvapy_keys_ignored() -> None:
     "key,value",
     [("min_peaks", -1), ("batch_size", 0), ("forward_images", "some"), ("centroid", "middle"),
      ("panel_shape", [64]), ("batch_timeout_ms", "soon"), ("compile", "maybe"), ("ring_size", 0),
-     ("photon_energy_ev", -5), ("backend", "magic"), ("dtype", "int4"), ("max_peaks", 1.5)],
+     ("photon_energy_ev", -5), ("backend", "magic"), ("dtype", "int4"), ("max_peaks", 1.5),
+     ("split", "sometimes"), ("split", 2), ("norm", "median"), ("isolated_ratio", 1.5)],
 )
 def test_params_invalid_value_names_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key):
@@ -63,6 +64,8 @@ def test_params_runtime_changes() -> None:
     p = PeakNetProcessorParams.from_config({"min_peaks": 5})
     q = p.with_changes({"min_peaks": "7", "forward_images": "none", "centroid": "intensity", "batch_timeout_ms": 5})
     assert (q.min_peaks, q.forward_images, q.centroid, q.batch_timeout_ms) == (7, "none", "intensity", 5.0)
+    assert p.centroid == "auto" and p.with_changes({"centroid": "signal"}).centroid == "signal"
+    assert PeakNetProcessorParams.from_config({"split": "false"}).split is False
     assert p.min_peaks == 5  # frozen, replaced
     with pytest.raises(ConfigError, match="batch_size"):
         p.with_changes({"batch_size": 4})
