@@ -29,8 +29,7 @@ Two normalisations (``norm``; a checkpoint declares which one its weights expect
   faint spots there look like noise to the network. A block's ``c`` is its median over pixels not
   more than ``REFINE_K`` panel scales *below* the panel's ``c`` (zeroed gaps under a pedestal are
   not background; a bright beam centre is); its ``s`` is the nonzero MAD of the residual after
-  ``c`` is subtracted, refined once, never
-  above the panel's robust ``s`` (a block of zeros holding one spot would otherwise take its scale
+  ``c`` is subtracted, refined once, never above the panel's robust ``s`` (a block of zeros holding one spot would otherwise take its scale
   from the spot). ``c`` comes from ``LOCAL_BLOCK``² blocks, ``s`` from coarser ``SCALE_BLOCK``²
   ones; a block with under ``LOCAL_MIN_SHARE`` of its sampled pixels valid takes the panel's
   values. Per panel only.
@@ -280,10 +279,10 @@ def _block_map(stat: torch.Tensor, n: int, bs: int, h: int, w: int) -> torch.Ten
     return full[:, 0, :h, :w]
 
 
-def _block_stat(vs: torch.Tensor, bs: int, panel: torch.Tensor, stat) -> torch.Tensor:
+def _block_stat(vs: torch.Tensor, bs: int, panel: torch.Tensor, stat) -> tuple[torch.Tensor, torch.Tensor]:
     """``stat`` of each ``bs``-block of the panels, from their samples ``vs`` (every ``LOCAL_STEP``-th
     row and column, NaN-marked; ``(rows, k)`` -> ``(rows, 1)``); the panel's value where a block
-    has too few valid samples or no answer."""
+    has too few valid samples or no answer. Returns it and the panel's value per block."""
     import torch
 
     n = vs.shape[0]
@@ -306,7 +305,7 @@ def _normalise_local_(x: torch.Tensor, bad: torch.Tensor | None) -> None:
     excl = ~torch.isfinite(x)
     if bad is not None:
         excl |= bad
-    x3, excl3 = x.reshape(n, h, w), excl.reshape(n, h, w)
+    x3, excl3 = x.reshape(n, h, w), excl.reshape(n, h, w)  # views (b and p merge): x is written below
     stride = max(1, -(-(h * w) // STAT_SAMPLES))
     flat = x3.reshape(n, -1)[:, ::stride]
     cg, sg = _robust_stats(flat.masked_fill(excl3.reshape(n, -1)[:, ::stride], float("nan")))  # the panel's (n, 1)
