@@ -93,8 +93,8 @@ def find_peaks(
             original order; ``PeakTable.n_overflow`` counts the rest.
         backend: ``"scipy"`` (host), ``"cupy"`` (device), ``"auto"`` (cupy when masks are on a CUDA
             device and CuPy imports, else scipy; a CUDA tensor without CuPy is copied to the host).
-        weights: ``(B*P, H, W)`` non-negative centroid weights (``centroid="signal"`` only), the
-            same kind of array and shape as ``images``.
+        weights: ``(B*P, H, W)`` non-negative weights for ``centroid="signal"`` and ``split``
+            (negatives count as 0), the same kind of array and shape as ``images``.
         split: a component holding two or more separate maxima of the (3x3-smoothed) ``weights``,
             each the largest within 2 px, at least ``SPLIT_MIN_WEIGHT`` and standing out from all
             pixels 2 px away (``SPLIT_RING_RATIO``: a streak is not cut up), becomes one peak per
